@@ -1,0 +1,33 @@
+"""bitdance-jax: BitDance (binary-token autoregressive image generation) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="bitdance-jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of BitDance (arXiv 2602.14041)",
+    packages=find_packages(include=["bitdance_jax", "bitdance_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "tensorflow-datasets",
+        "numpy",
+        "pillow",
+        "ml_collections",
+        "safetensors",
+        "tqdm",
+        "scikit-learn",
+        "tokenizers",
+        "tensorboardX",
+    ],
+    extras_require={
+        # Reading PyTorch .pt checkpoints (porting tool only). Pin to the CPU build.
+        "torch": ["torch==2.13.0"],
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+        "test": ["pytest", "torch==2.13.0"],
+    },
+)
