@@ -159,3 +159,16 @@ def test_psnr_ssim_sanity():
     assert psnr(a, a) == float("inf") and abs(ssim(a, a) - 1) < 1e-9
     b = np.clip(a.astype(int) + 10, 0, 255).astype(np.uint8)
     assert 20 < psnr(a, b) < 40 and ssim(a, b) < 1
+
+
+def test_every_param_has_logical_axes_and_shards_on_a_mesh():
+    from flax import linen as nn
+    from bitdance_jax.sharding import logical_sharding, make_mesh
+    cfg = infer_tokenizer_config(porting.load_torch_file(golden.path("tokenizer", "ae.pt"))["state_dict"])
+    abstract = abstract_tokenizer_params(cfg)
+    leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    mesh = make_mesh((2, 2, 2))
+    shardings = jax.tree.leaves(logical_sharding(abstract, mesh))
+    assert len(shardings) == len(leaves)
+    assert any(s.spec != jax.sharding.PartitionSpec(*([None] * len(s.spec))) for s in shardings)
