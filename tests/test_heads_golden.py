@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 
 import golden
+from flax import linen as nn
+
 from bitdance_jax import porting
 from bitdance_jax.diffusion_head import (DiffusionNet, HeadConfig, abstract_head_params,
                                          infer_head_config, port_head_state_dict)
 from bitdance_jax.flow import flow_matching_loss
+from bitdance_jax.sharding import logical_sharding, make_mesh
 
-# Case -> (variant, where its weights live, prefix of the head's net inside them).
+# ImageNet head case -> folder of the AR checkpoint whose 'ema' holds its weights.
 IMAGENET_WEIGHTS = {"head_imagenet_parallel": "ar_parallel", "head_imagenet_1x": "ar_1x"}
 _BLOCK_MLP = re.compile(r"^net\.res_blocks\.\d+\.(w1|w2|mlp\.\d+)\.")
 
@@ -140,3 +143,15 @@ def test_released_t2i_head_layout(model):
     ours = {"net." + k: s
             for k, s in porting.expected_torch_shapes(abstract_head_params(config)).items()}
     assert ours == _released(model)
+
+
+@pytest.mark.parametrize("case_name", HEAD_CASES)
+def test_every_param_has_logical_axes_and_shards_on_a_mesh(case_name):
+    config = HeadConfig.from_reference_kwargs(
+        golden.case(case_name)["config"]["diffhead_kwargs"],
+        "imagenet" if case_name in IMAGENET_WEIGHTS else "t2i")
+    abstract = abstract_head_params(config)
+    leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    shardings = jax.tree.leaves(logical_sharding(abstract, make_mesh((2, 2, 2))))
+    assert len(shardings) == len(leaves)
