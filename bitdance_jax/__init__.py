@@ -1,5 +1,6 @@
 """bitdance-jax: BitDance (binary-token autoregressive image generation) in JAX/Flax."""
+from bitdance_jax.diffusion_head import DiffusionNet, HeadConfig
 from bitdance_jax.tokenizer import TokenizerConfig
 from bitdance_jax.tokenizer_api import Tokenizer, load_tokenizer
 
-__all__ = ["TokenizerConfig", "Tokenizer", "load_tokenizer"]
+__all__ = ["DiffusionNet", "HeadConfig", "TokenizerConfig", "Tokenizer", "load_tokenizer"]
