@@ -205,6 +205,9 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
+    def has_token(self, token: str) -> bool:
+        return self._tok.token_to_id(token) is not None
+
     def token_id(self, token: str) -> int:
         tid = self._tok.token_to_id(token)
         if tid is None:
