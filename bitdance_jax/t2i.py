@@ -335,8 +335,7 @@ def read_released_folder(src: str, *, param_dtype=jnp.float32, mesh=None):
     abstract = _abstract_llm(config, param_dtype)
     shardings = None
     if mesh is not None:
-        from bitdance_jax.sharding import logical_sharding
-        shardings = logical_sharding(abstract, mesh)
+        shardings = param_shardings(abstract, mesh)
     tied = config.llm.tie_word_embeddings
     llm = stream_llm_weights(_llm_shard_files(src), abstract, shardings=shardings,
                              ignore=lambda k: tied and k == "lm_head.weight")
@@ -387,24 +386,49 @@ def load_t2i(path: str, *, param_dtype=jnp.float32, dtype=jnp.float32, mesh=None
             params = place_params(params, config, mesh)
     else:
         config, params = read_released_folder(path, param_dtype=param_dtype, mesh=mesh)
+        if mesh is not None:
+            params = place_params(params, config, mesh)
     return T2IPipeline(config, params, TextTokenizer(path), dtype=dtype)
 
 
-def place_params(params, config: T2IConfig, mesh):
-    """Put every param on the sharding its logical axes give on ``mesh`` (LLM, head, projector;
-    the tokenizer decoder too)."""
+def param_shardings(abstract, mesh):
+    """``NamedSharding`` per param from its logical axes on ``mesh``; a dim the mesh axes do
+    not divide (e.g. a vocab of 151940 over tensor=8) is replicated instead of split."""
+    from jax.sharding import NamedSharding, PartitionSpec
     from bitdance_jax.sharding import logical_sharding
-    llm = _abstract_llm(config, jnp.float32)
-    head = porting.abstract_params(DiffusionNet(config.head),
-                                   *_head_example(config))
-    proj = porting.abstract_params(Projector(config.llm.hidden_size),
-                                   jax.ShapeDtypeStruct((1, 1, config.tokenizer.z_channels),
-                                                        jnp.float32))
+
+    def fit(sharding, leaf):
+        spec = []
+        for dim, axes in zip(leaf.shape, tuple(sharding.spec) + (None,) * len(leaf.shape)):
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+            spec.append(axes if dim % ways == 0 else None)
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return jax.tree.map(fit, logical_sharding(abstract, mesh), nn.unbox(abstract))
+
+
+def place_params(params, config: T2IConfig, mesh):
+    """Put every param (LLM, head, projector, tokenizer decoder) on the sharding its logical
+    axes give on ``mesh``: fsdp splits the model dimension, tensor splits heads/MLP/vocab.
+
+    Memory for the released 14B model (14.77e9 params; 0.78e9 of them the LM head, unused
+    when sampling): bf16 params take 29.5 GB, float32 59 GB. The KV cache holds
+    2 (k, v) x 40 layers x 8 kv heads x 128 x 2 bytes = 160 KiB per token and row in bf16;
+    a 1024x1024 image at 16 tokens/step is about 4.4k tokens, x 2 rows (cond + uncond) per
+    image: about 1.4 GB per image. On 16 GB-HBM chips (e.g. TPU v5e) bf16 needs
+    fsdp x tensor >= 4 (7.4 GB of params per chip, leaving room for cache and activations;
+    2 chips would need 14.8 GB for params alone); float32 needs >= 8 (7.4 GB per chip).
+    """
     from bitdance_jax.tokenizer_api import abstract_tokenizer_params
-    tok = abstract_tokenizer_params(config.tokenizer)
-    shardings = {"llm": logical_sharding(llm, mesh), "head": logical_sharding(head, mesh),
-                 "projector": logical_sharding(proj, mesh), "tokenizer": logical_sharding(tok, mesh)}
-    return jax.tree.map(jax.device_put, params, shardings)
+    abstract = {
+        "llm": _abstract_llm(config, jnp.float32),
+        "head": porting.abstract_params(DiffusionNet(config.head), *_head_example(config)),
+        "projector": porting.abstract_params(
+            Projector(config.llm.hidden_size),
+            jax.ShapeDtypeStruct((1, 1, config.tokenizer.z_channels), jnp.float32)),
+        "tokenizer": abstract_tokenizer_params(config.tokenizer)}
+    return jax.tree.map(jax.device_put, params, param_shardings(abstract, mesh))
 
 
 def _head_example(config: T2IConfig):
