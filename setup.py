@@ -28,6 +28,6 @@ setup(
         "torch": ["torch==2.13.0"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
-        "test": ["pytest", "torch==2.13.0"],
+        "test": ["pytest", "torch==2.13.0", "transformers"],
     },
 )

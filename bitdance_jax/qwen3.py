@@ -49,9 +49,17 @@ class Qwen3Config:
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "Qwen3Config":
-        """From a HF ``config.json`` dict (unknown keys ignored; no RoPE scaling supported)."""
+        """From a HF ``config.json`` dict (unknown keys ignored; no RoPE scaling supported).
+
+        RoPE theta is ``rope_theta`` (transformers 4) or ``rope_parameters.rope_theta``
+        (transformers 5).
+        """
         if d.get("rope_scaling"):
             raise ValueError(f"rope_scaling {d['rope_scaling']} is not supported")
+        rope = d.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope_parameters {rope} are not supported (only plain RoPE)")
+        theta = rope.get("rope_theta", d.get("rope_theta", 1_000_000.0))
         if d.get("use_sliding_window"):
             raise ValueError("sliding-window attention is not supported")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -66,7 +74,7 @@ class Qwen3Config:
             num_attention_heads=heads,
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            rope_theta=float(d.get("rope_theta", 1_000_000.0)),
+            rope_theta=float(theta),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             attention_bias=bool(d.get("attention_bias", False)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))

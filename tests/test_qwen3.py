@@ -118,7 +118,47 @@ def test_config_rejects_unsupported():
                 num_attention_heads=2)
     with pytest.raises(ValueError, match="rope_scaling"):
         qwen3.Qwen3Config.from_hf_dict({**base, "rope_scaling": {"type": "yarn"}})
+    with pytest.raises(ValueError, match="rope_parameters"):
+        qwen3.Qwen3Config.from_hf_dict({**base, "rope_parameters": {"rope_type": "yarn"}})
+    assert qwen3.Qwen3Config.from_hf_dict(
+        {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5.0}}).rope_theta == 5.0
     with pytest.raises(ValueError, match="num_key_value_heads"):
         qwen3.Qwen3Config.from_hf_dict({**base, "num_key_value_heads": 3, "num_attention_heads": 4})
     with pytest.raises(ValueError, match="lacks"):
         qwen3.Qwen3Config.from_hf_dict({"hidden_size": 8})
+
+
+def test_matches_hugging_face_transformers(tmp_path):
+    """A tiny random Qwen3 saved by transformers: same hidden states and logits here."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.Qwen3Config(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10_000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=128)
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForCausalLM(hf_config).eval()
+    with torch.no_grad():  # random weights everywhere (HF initialises norms to exactly 1)
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+
+    config = qwen3.Qwen3Config.from_json(str(tmp_path))
+    assert (config.head_dim, config.rope_theta) == (16, 10_000.0)
+    state_dict = porting.load_safetensors(str(tmp_path / "model.safetensors"))
+    params = porting.convert_state_dict(state_dict, qwen3.abstract_qwen3_params(config))
+    ids = np.random.default_rng(0).integers(0, hf_config.vocab_size, (2, 11))
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids), output_hidden_states=True)
+    logits, out = qwen3.Qwen3ForCausalLM(config).apply({"params": params}, jnp.asarray(ids),
+                                                      output_hidden_states=True)
+    # HF's hidden_states: embeddings, each layer's output, and the last one after the norm.
+    for i in range(config.num_hidden_layers):
+        np.testing.assert_allclose(out.hidden_states[i], ref.hidden_states[i].numpy(),
+                                   rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.last_hidden_state, ref.hidden_states[-1].numpy(),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits, ref.logits.numpy(), rtol=1e-5, atol=1e-5)
