@@ -1,0 +1,621 @@
+"""One trainer for the binary tokenizer and the autoregressive BitDance model.
+
+    python -m bitdance_jax.train --config configs/<name>.py --workdir DIR [--config.<field>=<value>]
+
+``config.kind`` says what is trained: ``tokenizer``, ``bitdance``, or ``pipeline`` (stages run
+one after another in ``DIR/<stage>``; the embedded default trains the tokenizer, then BitDance).
+Relaunching with the same workdir resumes exactly from the last checkpoint (params, EMA,
+optimizer state, step, RNG and the Grain iterator state).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bitdance_jax import data as data_lib
+from bitdance_jax import images as image_lib
+from bitdance_jax import optim, sharding
+from bitdance_jax.checkpoint import load_param_dir
+from bitdance_jax.tokenizer import BinaryAutoencoder, TokenizerConfig, quantizer_losses
+
+log = logging.getLogger("bitdance_jax.train")
+
+KINDS = ("tokenizer", "bitdance", "pipeline")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Dense peak FLOP/s per chip (bf16) by jax device_kind prefix, for the MFU estimate.
+PEAK_FLOPS = (
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12), ("NVIDIA H200", 989e12),
+    ("NVIDIA H100", 989e12), ("NVIDIA A100", 312e12), ("NVIDIA L4", 121e12),
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the last good state was saved."""
+
+
+# ---------------------------------------------------------------------------------------
+# Config parsing.
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    from ml_collections.config_flags import config_flags
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist")
+    return config_flags._LoadConfigModule("config", path).get_config()  # noqa: SLF001
+
+
+def _check_override(config, dotted: str):
+    node, walked = config, "config"
+    for part in dotted.split("."):
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+            known = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+            raise ValueError(f"unknown config field '{walked}.{part}' "
+                             f"(fields of {walked}: {', '.join(known) or 'none'})")
+        node, walked = node[part], f"{walked}.{part}"
+
+
+def parse_args(argv: list[str]):
+    """``--config FILE --workdir DIR [--config.a.b=v ...]`` -> (config, workdir, multihost).
+
+    Unknown ``--config.<field>`` names raise a ValueError naming the field and its siblings.
+    """
+    from absl import flags
+    from ml_collections.config_flags import config_flags
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "training config file", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "checkpoints, logs and samples", flag_values=fv)
+    flags.DEFINE_enum("multihost", "auto", ["auto", "yes", "no"],
+                      "call jax.distributed.initialize() (auto: when launched on several hosts)",
+                      flag_values=fv)
+    args = list(argv[1:])
+    config_path = None
+    for i, a in enumerate(args):
+        if a.startswith("--config="):
+            config_path = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(args):
+            config_path = args[i + 1]
+    if config_path is None:
+        raise ValueError("--config FILE is required (e.g. --config configs/default.py)")
+    base = load_config_file(config_path)
+    for a in args:
+        if a.startswith("--config."):
+            _check_override(base, a[len("--config."):].split("=", 1)[0])
+    try:
+        fv([argv[0]] + args)
+    except flags.Error as e:
+        raise ValueError(str(e)) from e
+    if not fv.workdir:
+        raise ValueError("--workdir DIR is required")
+    return fv.config, fv.workdir, fv.multihost
+
+
+def maybe_initialize_distributed(mode: str = "auto"):
+    """``jax.distributed.initialize()`` on multi-host launches (SLURM, TPU pods, explicit env)."""
+    env = os.environ
+    several = (int(env.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in env
+               or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+               or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    if mode == "yes" or (mode == "auto" and several):
+        jax.distributed.initialize()
+
+
+# ---------------------------------------------------------------------------------------
+# Sizes derived from the devices present.
+
+def make_train_mesh(config):
+    return sharding.make_mesh(tuple(config.mesh))
+
+
+def global_batch_size(config, mesh) -> int:
+    batch = config.global_batch_size or config.per_device_batch_size * mesh.devices.size
+    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % data_ways:
+        raise ValueError(f"global batch {batch} is not divisible by the data axis: mesh "
+                         f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {data_ways}")
+    if batch % jax.process_count():
+        raise ValueError(f"global batch {batch} not divisible by {jax.process_count()} processes")
+    return batch
+
+
+def peak_flops_per_device(config) -> float | None:
+    if config.get("peak_tflops_per_device", 0):
+        return config.peak_tflops_per_device * 1e12
+    kind = jax.devices()[0].device_kind
+    for prefix, flops in PEAK_FLOPS:
+        if kind.startswith(prefix):
+            return flops
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Tasks: what is trained (params init, loss, samples, export).
+
+class TokenizerTask:
+    """Binary tokenizer: reconstruction (L1/L2) + the quantizer's entropy and commitment losses."""
+    kind = "tokenizer"
+
+    def __init__(self, config):
+        self.config = config
+        self.tok_config = TokenizerConfig(**config.tokenizer.to_dict())
+        self.model = BinaryAutoencoder(self.tok_config, dtype=DTYPES[config.compute_dtype])
+        self.image_size = config.data.image_size
+        f = self.tok_config.downsample_factor
+        if self.image_size % f:
+            raise ValueError(f"image_size {self.image_size} not a multiple of the tokenizer's "
+                             f"downsampling factor {f}")
+        self.tokens_per_example = (self.image_size // f) ** 2
+
+    def _noise(self, rng, batch, size):
+        if not self.tok_config.gan_decoder:
+            return None
+        f = self.tok_config.downsample_factor
+        return jax.random.normal(rng, (batch, size // f, size // f, self.tok_config.z_channels))
+
+    def init(self, rng):
+        images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        return self.model.init(rng, images, self._noise(rng, 1, self.image_size))["params"]
+
+    def frozen(self):
+        return {}
+
+    def loss(self, params, frozen, batch, rng):
+        del frozen
+        lc = self.config.tokenizer_loss
+        images = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+        recon, h = self.model.apply({"params": params}, images,
+                                    self._noise(rng, images.shape[0], images.shape[1]))
+        err = recon.astype(jnp.float32) - images
+        l1, l2 = jnp.mean(jnp.abs(err)), jnp.mean(err ** 2)
+        q = quantizer_losses(h, self.tok_config.num_codebooks)
+        loss = (lc.l1_weight * l1 + lc.l2_weight * l2 + lc.entropy_weight * q.entropy_aux_loss
+                + lc.commitment_weight * q.commitment)
+        return loss, {"l1": l1, "l2": l2, "entropy_aux": q.entropy_aux_loss,
+                      "commitment": q.commitment, "codebook_entropy": q.codebook_entropy}
+
+    def params_from_checkpoint(self, meta, params):
+        return params.get("tokenizer", params) if meta.get("kind") != "tokenizer" else params
+
+    def sample_grid(self, ema_params, source, path, seed):
+        """Top row: real images; bottom row: their reconstructions by the EMA params."""
+        n = min(8, len(source))
+        real = np.stack([data_lib.center_crop(source[i]["image"], self.image_size) for i in range(n)])
+        x = jnp.asarray(real, jnp.float32) / 127.5 - 1.0
+        recon, _ = jax.jit(self.model.apply)({"params": ema_params}, x,
+                                             self._noise(jax.random.PRNGKey(seed), n, self.image_size))
+        grid = image_lib.make_grid(np.concatenate([real, image_lib.to_uint8(np.asarray(recon))]), n)
+        return image_lib.save_png(grid, path)
+
+    def export(self, ema_params, dst):
+        from bitdance_jax.tokenizer_api import save_tokenizer
+        return save_tokenizer(dst, self.tok_config, jax.device_get(ema_params), overwrite=True,
+                              source="bitdance_jax.train")
+
+
+def make_task(config, workdir: str | None = None):
+    if config.kind == "tokenizer":
+        return TokenizerTask(config)
+    if config.kind == "bitdance":
+        from bitdance_jax.train_bitdance import BitDanceTask
+        return BitDanceTask(config, workdir)
+    raise ValueError(f"unknown config.kind {config.kind!r}; use one of {KINDS}")
+
+
+# ---------------------------------------------------------------------------------------
+# State, shardings, the train step.
+
+def _names(path) -> tuple[str, ...]:
+    return tuple(optim._path_names(path))  # noqa: SLF001
+
+
+def opt_state_shardings(abstract_opt_state, param_shardings, mesh):
+    """Each optimizer leaf shaped like a param (mu, nu ...) takes that param's sharding."""
+    by_path = {_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+
+    def pick(path, leaf):
+        names = _names(path)
+        for k in range(len(names)):
+            s = by_path.get(names[k:])
+            if s is not None and len(s.spec) <= len(leaf.shape):
+                return s
+        return sharding.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything built from a config: mesh, task, optimizer, shardings, jitted step."""
+    config: Any
+    workdir: str
+    mesh: Any = None
+
+    def __post_init__(self):
+        c = self.config
+        self.mesh = self.mesh or make_train_mesh(c)
+        self.task = make_task(c, self.workdir)
+        self.global_batch = global_batch_size(c, self.mesh)
+
+    # -- optimizer and state ----------------------------------------------------------
+    def build(self, num_steps: int):
+        c, o = self.config, self.config.optim
+        self.num_steps = num_steps
+        self.schedule = optim.lr_schedule(o.lr, warmup_steps=o.warmup_steps,
+                                          decay_start=o.decay_start, total_steps=num_steps,
+                                          min_lr=o.min_lr)
+        self.optimizer = optim.make_optimizer(schedule=self.schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                                              weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                                              no_decay_names=tuple(o.no_decay_names))
+        boxed = jax.eval_shape(self.task.init, jax.random.PRNGKey(0))
+        self.param_shardings = sharding.logical_sharding(boxed, self.mesh)
+        abstract_params = nn.unbox(boxed)
+        abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+        rep = sharding.replicated(self.mesh)
+        self.state_shardings = {
+            "step": rep, "rng": rep, "ok": rep,
+            "params": self.param_shardings, "ema": self.param_shardings,
+            "opt_state": opt_state_shardings(abstract_opt, self.param_shardings, self.mesh)}
+        self.abstract_state = {
+            "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+            "ok": jax.ShapeDtypeStruct((), jnp.bool_),
+            "params": abstract_params, "ema": abstract_params, "opt_state": abstract_opt}
+        self.frozen = self.task.frozen()
+        self.frozen_shardings = jax.tree.map(lambda _: rep, self.frozen)
+        self._step_fn = None
+        return self
+
+    def init_state(self, init_params=None):
+        """Fresh state (``init_params``: a param tree from a ported/trained checkpoint)."""
+        seed = self.config.seed
+
+        def fresh(rng):
+            params = nn.unbox(self.task.init(rng)) if init_params is None else init_params
+            return {"step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed),
+                    "ok": jnp.ones((), jnp.bool_), "params": params, "ema": params,
+                    "opt_state": self.optimizer.init(params)}
+
+        if init_params is not None:
+            init_params = jax.device_put(init_params, self.param_shardings)
+        return jax.jit(fresh, out_shardings=self.state_shardings)(
+            jax.random.fold_in(jax.random.PRNGKey(seed), 1 << 20))
+
+    def batch_sharding(self, ndim: int):
+        return sharding.batch_sharding(self.mesh, ndim)
+
+    # -- the step ---------------------------------------------------------------------
+    def _train_step(self, state, frozen, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        (loss, aux), grads = jax.value_and_grad(self.task.loss, has_aux=True)(
+            state["params"], frozen, batch, rng)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = optim.ema_update(state["ema"], params, self.config.optim.ema_decay)
+        ok = state["ok"] & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        new_state = {"step": state["step"] + ok.astype(jnp.int32), "rng": state["rng"], "ok": ok,
+                     "params": keep(params, state["params"]), "ema": keep(ema, state["ema"]),
+                     "opt_state": keep(opt_state, state["opt_state"])}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state["step"]),
+                   **aux}
+        return new_state, jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
+
+    def step_fn(self, batch_example: dict):
+        if self._step_fn is None:
+            batch_shardings = {k: self.batch_sharding(np.ndim(v)) for k, v in batch_example.items()}
+            self._step_fn = jax.jit(
+                self._train_step,
+                in_shardings=(self.state_shardings, self.frozen_shardings, batch_shardings),
+                out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                donate_argnums=(0,))
+        return self._step_fn
+
+    def to_device(self, local_batch):
+        return data_lib.to_global_arrays(local_batch, self.batch_sharding)
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints.
+
+def make_checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+    cc = config.checkpoint
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cc.keep, save_interval_steps=max(1, cc.every_steps),
+        enable_async_checkpointing=cc.async_save, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 options=options)
+
+
+def save_checkpoint(mngr, step: int, state, data_state, force: bool = False) -> bool:
+    return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=ocp.args.JsonSave(data_state)),
+                     force=force)
+
+
+def restore_checkpoint(mngr, trainer: Trainer, step: int):
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            trainer.abstract_state, trainer.state_shardings)
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                     data=ocp.args.JsonRestore()))
+    return out["state"], out["data"]
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics.
+
+class MetricLogger:
+    """Averages metrics over ``log_every`` steps; stdout (+ tqdm bar) and TensorBoard on process 0."""
+
+    def __init__(self, workdir, total_steps, start_step, global_batch, tokens_per_example,
+                 flops_per_device_step, peak_flops, enabled=True):
+        self.enabled = enabled and jax.process_index() == 0
+        self.global_batch, self.tokens_per_example = global_batch, tokens_per_example
+        self.flops, self.peak = flops_per_device_step, peak_flops
+        self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
+        self.writer = self.bar = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+            from tqdm import tqdm
+            self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
+                            file=sys.stdout, mininterval=1.0)
+
+    def add(self, metrics: dict):
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
+
+    def flush(self, step: int) -> dict:
+        if not self.count:
+            return {}
+        dt = time.perf_counter() - self.t0
+        out = {k: v / self.count for k, v in self.sums.items()}
+        steps_per_s = self.count / dt
+        out.update(steps_per_s=steps_per_s, images_per_s=steps_per_s * self.global_batch,
+                   tokens_per_s=steps_per_s * self.global_batch * self.tokens_per_example)
+        if self.flops and self.peak:
+            out["mfu"] = self.flops * steps_per_s / self.peak
+        if self.enabled:
+            text = " ".join(f"{k}={v:.4g}" for k, v in sorted(out.items()))
+            (self.bar.write if self.bar is not None else print)(f"step {step}: {text}")
+            for k, v in out.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.flush()
+        self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
+        return out
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def step_flops(compiled) -> float | None:
+    """XLA's FLOP count of one compiled step per device (None where not reported)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement cost analysis
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+# ---------------------------------------------------------------------------------------
+# The loop.
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def num_train_steps(config, num_records: int, global_batch: int) -> int:
+    if config.num_steps > 0:
+        return int(config.num_steps)
+    if config.epochs <= 0:
+        raise ValueError("set config.num_steps or config.epochs")
+    return int(config.epochs * (num_records // global_batch))
+
+
+def train(config, workdir: str, *, mesh=None, stop_after: int | None = None) -> dict:
+    """Train ``config`` in ``workdir`` (resuming when it holds checkpoints).
+
+    ``stop_after``: return once the state reaches that step (tests / benchmarks), leaving a
+    checkpoint there. Returns a summary (final step, last metrics, paths).
+    """
+    if config.kind == "pipeline":
+        return run_pipeline(config, workdir, mesh=mesh)
+    os.makedirs(workdir, exist_ok=True)
+    trainer = Trainer(config, workdir, mesh)
+    source = trainer.task.train_source() if hasattr(trainer.task, "train_source") \
+        else data_lib.make_source(config.data)
+    num_steps = num_train_steps(config, len(source), trainer.global_batch)
+    trainer.build(num_steps)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    dataset = data_lib.make_train_dataset(source, config.data, global_batch=trainer.global_batch,
+                                          num_steps=num_steps, seed=config.seed)
+    data_iter = iter(dataset)
+    mngr = make_checkpoint_manager(workdir, config)
+    latest = mngr.latest_step()
+    if latest is not None:
+        state, data_state = restore_checkpoint(mngr, trainer, latest)
+        data_iter.set_state(data_state)
+        log.info("resumed from %s at step %d", mngr.directory, latest)
+    else:
+        init_params = None
+        if config.init_from:
+            meta, loaded = load_param_dir(config.init_from)
+            init_params = trainer.task.params_from_checkpoint(meta, loaded)
+            log.info("initialised params from %s", config.init_from)
+        state = trainer.init_state(init_params)
+    start = int(jax.device_get(state["step"]))
+    summary = {"workdir": workdir, "num_steps": num_steps, "start_step": start}
+    if start >= num_steps:
+        mngr.close()
+        return _finish(trainer, state, source, workdir, summary)
+
+    logger = None
+    # The loss of a step is read one step late (keeps the device busy); it is read at once
+    # before any save, so a checkpoint never holds a state past a non-finite step.
+    data_states = {start: data_iter.get_state()}
+    pending = None
+    step = start
+    try:
+        with _Preemption() as preempt, jax.set_mesh(trainer.mesh), \
+                nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+            while step < num_steps:
+                batch = trainer.to_device(next(data_iter))
+                fn = trainer.step_fn(batch)
+                if logger is None:
+                    compiled = fn.lower(state, trainer.frozen, batch).compile()
+                    logger = MetricLogger(workdir, num_steps, start, trainer.global_batch,
+                                          trainer.task.tokens_per_example, step_flops(compiled),
+                                          peak_flops_per_device(config))
+                state, metrics = fn(state, trainer.frozen, batch)
+                step += 1
+                data_states[step] = data_iter.get_state()
+                data_states.pop(step - 3, None)
+                if pending is not None:
+                    state = _check_finite(pending, mngr, state, data_states)
+                    logger.add(pending[1])
+                pending = (step, metrics)
+                stopping = (preempt.requested or mngr.reached_preemption(step)
+                            or step == num_steps or (stop_after is not None and step >= stop_after))
+                sampling = bool(config.sample_every) and step % config.sample_every == 0
+                if stopping or sampling or step % config.log_every == 0 or mngr.should_save(step):
+                    state = _check_finite(pending, mngr, state, data_states)
+                    logger.add(pending[1])
+                    pending = None
+                if step % config.log_every == 0 or step == num_steps:
+                    summary["metrics"] = logger.flush(step)
+                save_checkpoint(mngr, step, state, data_states[step], force=stopping)
+                if sampling and step < num_steps and jax.process_index() == 0:
+                    trainer.task.sample_grid(state["ema"], source, os.path.join(
+                        workdir, "samples", f"step_{step:07d}.png"), config.seed)
+                if stopping and step < num_steps:
+                    mngr.wait_until_finished()
+                    preempted = stop_after is None or step < stop_after
+                    if preempted:
+                        log.warning("preempted: saved step %d in %s; relaunch to resume", step,
+                                    mngr.directory)
+                    summary.update(step=step, preempted=preempted, stopped=True)
+                    return summary
+            mngr.wait_until_finished()
+    finally:
+        if logger is not None:
+            logger.close()
+        mngr.close()
+    return _finish(trainer, state, source, workdir, summary)
+
+
+def _check_finite(pending, mngr, state, data_states):
+    """Stop on a NaN/inf loss of step ``pending[0]``. The jitted step masks the update of a
+    non-finite step and of every later one, so ``state`` is still the last good state: it is
+    saved (with the matching Grain iterator state) before raising."""
+    step, metrics = pending
+    loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if math.isfinite(loss) and math.isfinite(gnorm):
+        return state
+    good = int(jax.device_get(state["step"]))
+    mngr.wait_until_finished()
+    if mngr.latest_step() != good:
+        state = dict(state, ok=jax.device_put(jnp.ones((), jnp.bool_), state["ok"].sharding))
+        save_checkpoint(mngr, good, state, data_states[good], force=True)
+        mngr.wait_until_finished()
+    raise NonFiniteLossError(f"non-finite loss at step {step} (loss={loss}, grad_norm={gnorm}); "
+                             f"the last good state (step {good}) is saved in {mngr.directory}")
+
+
+def _finish(trainer: Trainer, state, source, workdir: str, summary: dict) -> dict:
+    """Final sample grid and export of the EMA params."""
+    summary["step"] = int(jax.device_get(state["step"]))
+    if jax.process_index() == 0:
+        summary["samples"] = trainer.task.sample_grid(
+            state["ema"], source, os.path.join(workdir, "samples", "final.png"), trainer.config.seed)
+    summary["export"] = trainer.task.export(state["ema"], os.path.join(workdir, "export"))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return summary
+
+
+def run_pipeline(config, workdir: str, *, mesh=None) -> dict:
+    """Stages in order, each in ``workdir/<name>``; a BitDance stage uses the tokenizer
+    exported by the stage named in its ``tokenizer_from_stage``."""
+    results = {}
+    for name in config.stages:
+        stage = config[name]
+        stage_dir = os.path.join(workdir, name)
+        if stage.kind == "bitdance" and stage.get("tokenizer_from_stage"):
+            with stage.unlocked():
+                stage.tokenizer_dir = os.path.join(workdir, stage.tokenizer_from_stage, "export")
+        log.info("pipeline stage %s (%s) in %s", name, stage.kind, stage_dir)
+        results[name] = train(stage, stage_dir, mesh=mesh)
+    if config.get("score") and config.score.enabled:
+        from tools_score import score_stage  # noqa: F401  (resolved below)
+    return results
+
+
+def main(argv=None):
+    argv = sys.argv if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config, workdir, multihost = parse_args(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    maybe_initialize_distributed(multihost)
+    try:
+        summary = train(config, workdir)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if jax.process_index() == 0:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
