@@ -490,6 +490,13 @@ class T2IPipeline:
             args += (jnp.zeros(bits_nhwc.shape, jnp.float32) if noise is None else noise,)
         return self.decoder.apply({"params": self.params["tokenizer"]}, *args, method="decode")
 
+    def check_size(self, height: int, width: int) -> tuple[int, int]:
+        """Latent grid of an image size this model can make (size list, patching, and the
+        ``<|res_*|>`` tokens); ``ValueError`` otherwise."""
+        h, w = self.config.latent_grid(height, width)
+        self.text_tokenizer.image_prefix_ids(h, w, self.config.parallel_num)
+        return h, w
+
     # -- the sampling loop
     def sample_latents(self, prompts: Sequence[str] | str, height: int, width: int, *,
                        num_sampling_steps: int = 50, guidance_scale: float = 7.5,
@@ -509,7 +516,7 @@ class T2IPipeline:
         if num_images < 1 or num_sampling_steps < 1:
             raise ValueError(f"num_images and num_sampling_steps must be >= 1, got "
                              f"{num_images} and {num_sampling_steps}")
-        h, w = cfg.latent_grid(height, width)
+        h, w = self.check_size(height, width)
         p_num = cfg.parallel_num
         image_steps = h * w // p_num
         tok = self.text_tokenizer
@@ -665,7 +672,7 @@ def main(argv=None) -> int:
         prompts = [args.prompt] if args.prompt is not None else read_prompts_file(args.prompts_file)
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         pipe = load_t2i(args.ckpt, param_dtype=dtype, dtype=dtype)
-        pipe.config.latent_grid(args.height, args.width)  # fail before any work
+        pipe.check_size(args.height, args.width)  # fail before any work
         written = []
         for i, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt")):
             images = pipe.generate(prompt, args.height, args.width,
