@@ -159,13 +159,11 @@ class Qwen3Attention(nn.Module):
         q = apply_rope(RMSNorm(name="q_norm", **norm_kw)(q), cos, sin)
         k = apply_rope(RMSNorm(name="k_norm", **norm_kw)(k), cos, sin)
         if layer_cache is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype),
-                                                        cache_index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v.astype(layer_cache[1].dtype),
-                                                        cache_index, axis=1)
-            new_cache = (k_all, v_all)
+            k, v = k.astype(layer_cache[0].dtype), v.astype(layer_cache[1].dtype)
+            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k, cache_index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v, cache_index, axis=1)
         else:
-            k_all, v_all, new_cache = k, v, None
+            k_all, v_all = k, v
         # Query head i uses kv head i // (h // kv): group queries as [kv, h // kv].
         qg = q.reshape(b, l, kv, h // kv, d)
         scores = jnp.einsum("blkgd,bskd->bkgls", qg, k_all.astype(self.dtype),
@@ -176,7 +174,7 @@ class Qwen3Attention(nn.Module):
         out = jnp.einsum("bkgls,bskd->blkgd", probs, v_all.astype(self.dtype),
                          precision=jax.lax.Precision.HIGHEST).reshape(b, l, h * d)
         out = dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
-        return out, new_cache
+        return out, (k, v)
 
 
 class Qwen3MLP(nn.Module):
@@ -202,12 +200,12 @@ class Qwen3DecoderLayer(nn.Module):
     def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm_kw = dict(eps=self.config.rms_norm_eps, **kw)
-        attn_out, new_cache = Qwen3Attention(self.config, name="self_attn", **kw)(
+        attn_out, new_kv = Qwen3Attention(self.config, name="self_attn", **kw)(
             RMSNorm(name="input_layernorm", **norm_kw)(x), cos, sin, mask, layer_cache, cache_index)
         x = x + attn_out
         x = x + Qwen3MLP(self.config, name="mlp", **kw)(
             RMSNorm(name="post_attention_layernorm", **norm_kw)(x))
-        return x, new_cache
+        return x, new_kv
 
 
 @dataclasses.dataclass
@@ -259,17 +257,16 @@ class Qwen3Model(nn.Module):
             attention_mask = causal_mask(b, l)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         hidden = [x] if output_hidden_states else None
-        new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if kv_cache is None else (kv_cache["k"][i], kv_cache["v"][i])
-            x, updated = layer(x, cos, sin, attention_mask, layer_cache, cache_index)
-            if updated is not None:
-                new_k.append(updated[0])
-                new_v.append(updated[1])
+            x, (k, v) = layer(x, cos, sin, attention_mask, layer_cache, cache_index)
+            if kv_cache is not None:  # write only the new entries into the stacked cache
+                at = (i, 0, cache_index, 0, 0)
+                kv_cache = {"k": jax.lax.dynamic_update_slice(kv_cache["k"], k[None], at),
+                            "v": jax.lax.dynamic_update_slice(kv_cache["v"], v[None], at)}
             if output_hidden_states:
                 hidden.append(x)
-        new_cache = None if kv_cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
-        return Qwen3Output(self.norm(x), new_cache, tuple(hidden) if hidden else None)
+        return Qwen3Output(self.norm(x), kv_cache, tuple(hidden) if hidden else None)
 
 
 class Qwen3ForCausalLM(nn.Module):

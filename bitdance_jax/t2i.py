@@ -472,7 +472,8 @@ class T2IPipeline:
         self.llm = qwen3.Qwen3ForCausalLM(config.llm, dtype=dtype)
         self.head = DiffusionNet(config.head, dtype=dtype)
         self.projector = Projector(config.llm.hidden_size, dtype=dtype)
-        self.decoder = BinaryAutoencoder(config.tokenizer, dtype=dtype)
+        self._decode = jax.jit(functools.partial(
+            BinaryAutoencoder(config.tokenizer, dtype=dtype).apply, method="decode"))
         self.pos_table = position_table(config.llm.hidden_size, config.vae_patch_size)
 
     # -- pieces usable on their own (and checked against the reference one by one)
@@ -483,12 +484,14 @@ class T2IPipeline:
         return position_embed_2d(self.pos_table, h, w,
                                  self.config.patch_side if patch_side is None else patch_side)
 
-    def decode_latents(self, bits_nhwc, noise=None):
-        """Binary latents [B, h, w, z] -> images [B, H, W, 3] (float, about [-1, 1])."""
-        args = (jnp.asarray(bits_nhwc, jnp.float32),)
+    def decode_latents(self, bits_nhwc, seed: int = 0):
+        """Binary latents [B, h, w, z] -> images [B, H, W, 3] (float, about [-1, 1]); a GAN
+        decoder's N(0, 1) input is drawn from ``seed``."""
+        bits = jnp.asarray(bits_nhwc, jnp.float32)
+        args = (bits,)
         if self.config.tokenizer.gan_decoder:
-            args += (jnp.zeros(bits_nhwc.shape, jnp.float32) if noise is None else noise,)
-        return self.decoder.apply({"params": self.params["tokenizer"]}, *args, method="decode")
+            args += (jax.random.normal(jax.random.key(seed), bits.shape, jnp.float32),)
+        return self._decode({"params": self.params["tokenizer"]}, *args)
 
     def check_size(self, height: int, width: int) -> tuple[int, int]:
         """Latent grid of an image size this model can make (size list, patching, and the
@@ -554,7 +557,7 @@ class T2IPipeline:
         bits = self.sample_latents(prompt, height, width, num_sampling_steps=num_sampling_steps,
                                    guidance_scale=guidance_scale, num_images=num_images,
                                    noise_source=noise_source, seed=seed)
-        return to_pil(self.decode_latents(bits))
+        return to_pil(self.decode_latents(bits, seed=seed))
 
 
 def to_pil(images) -> list:
