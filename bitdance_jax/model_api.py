@@ -1,0 +1,213 @@
+"""User-facing class-conditional BitDance: port the released ImageNet ``.pt`` files, load a
+ported directory, sample images.
+
+    import bitdance_jax as bd
+    model = bd.load_model(DIR)
+    images = model.sample(class_ids=[207, 360], seed=0, cfg_scale=4.0)   # uint8 [B, H, W, 3]
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitdance_jax import checkpoint, porting, sampler
+from bitdance_jax.diffusion_head import infer_head_config, port_head_state_dict
+from bitdance_jax.model import (DEFAULT_CFG_SCALES, RELEASED_MODELS, BitDanceConfig,
+                                abstract_backbone_params, released_name)
+from bitdance_jax.tokenizer import TokenizerConfig
+from bitdance_jax.tokenizer_api import (Tokenizer, infer_tokenizer_config,
+                                        port_tokenizer_state_dict)
+
+KIND = "bitdance_c2i"
+DEFAULT_SAMPLING_STEPS = 100   # Euler-Maruyama steps of the head per AR step (reference default)
+TOKENIZER_NUM_CODEBOOKS = 4    # what the reference builds its VAE with
+HEAD_PREFIX = "head.net."
+VAE_PREFIX = "vae."
+# Values the weights do not show; defaults are the reference's ImageNet training flags.
+SCHEDULE_KEYS = ("parallel_mode", "diff_batch_mul", "time_shift", "P_mean", "P_std")
+
+
+def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise porting.PortingError(f"not a class-conditional BitDance checkpoint: no {key!r}")
+    v = sd[key]
+    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+
+def infer_config(sd: Mapping[str, Any], **overrides) -> BitDanceConfig:
+    """Architecture of a class-conditional checkpoint from its keys and shapes.
+
+    Not visible in the weights, hence taken from ``overrides`` or defaulted: ``n_head``
+    (default dim // 64, the released models' head size) and the schedule values
+    (``parallel_mode='patch'``, ``diff_batch_mul=4``, ``time_shift=1``, ``P_mean=-0.8``,
+    ``P_std=0.8``).
+    """
+    dim = _shape(sd, "emb_norm.weight")[0]
+    n_layer = len({m.group(1) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))})
+    classes, cls_width = _shape(sd, "cls_embedding.weight")
+    if cls_width % dim:
+        raise porting.PortingError(f"cls_embedding width {cls_width} is not a multiple of dim {dim}")
+    parallel_num = _shape(sd, "query_token")[1] + 1 if "query_token" in sd else 1
+    num_tokens = _shape(sd, "pos_for_diff.weight")[0]
+    grid = math.isqrt(num_tokens)
+    if grid * grid != num_tokens:
+        raise porting.PortingError(f"pos_for_diff has {num_tokens} rows: not a square latent grid")
+    known = set(SCHEDULE_KEYS) | {"n_head"}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown overrides {sorted(unknown)}; allowed: {sorted(known)}")
+    head_sd = {k[len("head."):]: v for k, v in sd.items() if k.startswith(HEAD_PREFIX)}
+    head = infer_head_config(head_sd, "imagenet", prefix="net.", parallel_num=parallel_num)
+    fields = dict(dim=dim, n_layer=n_layer, n_head=dim // 64 if dim >= 64 else 1,
+                  diff_layers=head.depth_latent, diff_dim=head.ch_latent,
+                  diff_adanln_layers=head.depth_adanln,
+                  latent_dim=_shape(sd, "proj_in.w1.weight")[1], grid_size=grid,
+                  cls_token_num=cls_width // dim, num_classes=classes - 1,
+                  parallel_num=parallel_num)
+    fields.update(overrides)
+    try:
+        return BitDanceConfig(**fields)
+    except ValueError as e:
+        raise porting.PortingError(f"checkpoint gives an invalid architecture: {e}") from e
+
+
+def port_model_state_dict(sd: Mapping[str, Any], config: BitDanceConfig) -> dict:
+    """Strictly port backbone and head (``vae.*`` keys are left to the tokenizer)."""
+    sd = {k: np.asarray(v) for k, v in sd.items()}
+    model = porting.convert_state_dict(
+        {k: v for k, v in sd.items() if not k.startswith((HEAD_PREFIX, VAE_PREFIX))},
+        abstract_backbone_params(config), what="BitDance transformer weights")
+    head = port_head_state_dict(sd, config.head_config, prefix=HEAD_PREFIX)
+    return {"model": model, "head": head}
+
+
+def _as_config(config) -> BitDanceConfig | None:
+    if config is None or isinstance(config, BitDanceConfig):
+        return config
+    if isinstance(config, str):
+        if config not in RELEASED_MODELS:
+            raise ValueError(f"unknown model {config!r}; known: {sorted(RELEASED_MODELS)}")
+        return RELEASED_MODELS[config]
+    return BitDanceConfig.from_dict(config)
+
+
+def port_imagenet_checkpoint(src_pt: str, dst: str, use_ema: bool = True,
+                             tokenizer_pt: str | None = None, *, config=None,
+                             overwrite: bool = False, **overrides) -> str:
+    """Port a reference ImageNet checkpoint ``{"model", "ema"}`` into a self-describing dir.
+
+    The architecture is inferred from the weights (``overrides``: see ``infer_config``);
+    ``config`` (a ``BitDanceConfig``, its dict or a released name such as
+    ``"BitDance-B-4x"``) states what the file must be and fails on any other architecture.
+    The tokenizer comes from ``tokenizer_pt`` (``ae_d16c32.pt``) when given, as the
+    reference's sampler does, else from the file's ``vae.*`` keys.
+    """
+    ckpt = porting.load_torch_file(src_pt)
+    if not isinstance(ckpt, Mapping) or "model" not in ckpt:
+        raise porting.PortingError(f"{src_pt} is not a class-conditional BitDance training "
+                                   "checkpoint ({'model', 'ema'} dict)")
+    which = "ema" if use_ema else "model"
+    if which not in ckpt:
+        raise porting.PortingError(f"{src_pt} has no {which!r} weights (try "
+                                   f"{'--no-ema' if use_ema else 'the EMA weights'})")
+    sd = porting.tensors_to_numpy(ckpt[which])
+    expected = _as_config(config)
+    if expected is not None:
+        overrides = {**{k: getattr(expected, k) for k in SCHEDULE_KEYS + ("n_head",)}, **overrides}
+    cfg = infer_config(sd, **overrides)
+    if expected is not None and cfg != expected:
+        diff = {k: (v, getattr(cfg, k)) for k, v in expected.to_dict().items() if getattr(cfg, k) != v}
+        raise porting.PortingError(f"{src_pt} holds another architecture than the config says "
+                                   f"(config vs checkpoint): {diff}")
+    params = port_model_state_dict(sd, cfg)
+
+    if tokenizer_pt is not None:
+        tok = porting.load_torch_file(tokenizer_pt)
+        tok_sd = porting.tensors_to_numpy(tok.get("state_dict", tok) if isinstance(tok, Mapping) else {})
+        tok_prefix, what = "", f"tokenizer {tokenizer_pt}"
+    elif any(k.startswith(VAE_PREFIX) for k in sd):
+        tok_sd, tok_prefix, what = sd, VAE_PREFIX, f"vae.* weights of {src_pt}"
+    else:
+        raise porting.PortingError(f"{src_pt} has no vae.* weights: pass tokenizer_pt "
+                                   "(e.g. ae_d16c32.pt)")
+    tok_cfg = infer_tokenizer_config(tok_sd, tok_prefix, num_codebooks=TOKENIZER_NUM_CODEBOOKS)
+    if tok_cfg.z_channels != cfg.latent_dim:
+        raise porting.PortingError(f"{what}: {tok_cfg.z_channels} latent channels, the model "
+                                   f"uses {cfg.latent_dim}")
+    params["tokenizer"] = port_tokenizer_state_dict(tok_sd, tok_cfg, prefix=tok_prefix, what=what)
+    name = released_name(cfg)
+    extra = {"tokenizer": tok_cfg.to_dict(), "source": str(src_pt), "weights": which,
+             "released_name": name, "default_cfg_scale": DEFAULT_CFG_SCALES.get(name, 1.0)}
+    return checkpoint.save_param_dir(dst, KIND, cfg.to_dict(), params, overwrite=overwrite,
+                                     extra=extra)
+
+
+def save_model(dst: str, config: BitDanceConfig, params, tokenizer_config: TokenizerConfig,
+               *, default_cfg_scale: float = 1.0, overwrite: bool = False, source: str = "") -> str:
+    """Write a (trained) model with its tokenizer: params {"model", "head", "tokenizer"}."""
+    extra = {"tokenizer": tokenizer_config.to_dict(), "source": source,
+             "released_name": released_name(config), "default_cfg_scale": float(default_cfg_scale)}
+    return checkpoint.save_param_dir(dst, KIND, config.to_dict(), params, overwrite=overwrite,
+                                     extra=extra)
+
+
+class BitDanceModel:
+    """A loaded class-conditional model with its tokenizer."""
+
+    def __init__(self, config: BitDanceConfig, params, tokenizer: Tokenizer, *,
+                 default_cfg_scale: float = 1.0, dtype=jnp.float32, mesh=None,
+                 decode_chunk: int = 32):
+        if tokenizer.config.z_channels != config.latent_dim:
+            raise ValueError(f"tokenizer has {tokenizer.config.z_channels} latent channels, "
+                             f"the model {config.latent_dim}")
+        self.config = config
+        self.params = {"model": params["model"], "head": params["head"]}
+        self.tokenizer = tokenizer
+        self.default_cfg_scale = float(default_cfg_scale)
+        self.sampler = sampler.Sampler(config, dtype=dtype, mesh=mesh)
+        self.decode_chunk = decode_chunk
+
+    @property
+    def image_size(self) -> int:
+        return self.config.grid_size * self.tokenizer.downsample_factor
+
+    def sample_latents(self, class_ids: Sequence[int], seed: int = 0, cfg_scale: float | None = None,
+                       num_sampling_steps: int = DEFAULT_SAMPLING_STEPS,
+                       sample_indices: Sequence[int] | None = None) -> np.ndarray:
+        """Binary latents [B, h, w, C] (NHWC). Sample i depends only on (seed, sample_indices[i],
+        class, cfg, steps); ``sample_indices`` defaults to 0..B-1."""
+        cfg_scale = self.default_cfg_scale if cfg_scale is None else float(cfg_scale)
+        return self.sampler.sample(self.params, class_ids, seed=seed, cfg_scale=cfg_scale,
+                                   num_sampling_steps=num_sampling_steps,
+                                   sample_indices=sample_indices)
+
+    def decode(self, latents) -> np.ndarray:
+        """Latents [B, h, w, C] -> uint8 images [B, H, W, 3] (the reference's rounding:
+        clamp(127.5 x + 128, 0, 255) truncated)."""
+        images = self.tokenizer.decode(latents)
+        return np.clip(127.5 * images + 128.0, 0, 255).astype(np.uint8)
+
+    def sample(self, class_ids: Sequence[int], seed: int = 0, cfg_scale: float | None = None,
+               num_sampling_steps: int = DEFAULT_SAMPLING_STEPS,
+               sample_indices: Sequence[int] | None = None) -> np.ndarray:
+        """uint8 images [B, H, W, 3] of the given ImageNet classes."""
+        return self.decode(self.sample_latents(class_ids, seed, cfg_scale, num_sampling_steps,
+                                               sample_indices))
+
+
+def load_model(path: str, dtype=jnp.float32, mesh=None) -> BitDanceModel:
+    """Load a ported (or trained) class-conditional directory."""
+    meta = checkpoint.read_meta(path)
+    if meta.get("kind") != KIND:
+        raise checkpoint.CheckpointError(f"{path} holds a '{meta.get('kind')}' checkpoint, not a "
+                                         f"class-conditional BitDance model ('{KIND}')")
+    _, params = checkpoint.load_param_dir(path, KIND)
+    config = BitDanceConfig.from_dict(meta["config"])
+    tokenizer = Tokenizer(TokenizerConfig(**meta["tokenizer"]), params["tokenizer"], dtype=dtype)
+    return BitDanceModel(config, params, tokenizer, default_cfg_scale=meta.get("default_cfg_scale", 1.0),
+                         dtype=dtype, mesh=mesh)

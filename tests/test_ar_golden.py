@@ -1,0 +1,111 @@
+"""The ported class-conditional models reproduce the reference: teacher-forced forward,
+loss with recorded draws, and whole sampling runs (zero noise and recorded noise)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import golden
+from bitdance_jax import patching, porting
+from bitdance_jax.model import BitDanceBackbone, BitDanceConfig, bitdance_loss
+from bitdance_jax.model_api import infer_config, port_model_state_dict
+from bitdance_jax.sampler import generate
+from bitdance_jax.tokenizer import TokenizerConfig
+from bitdance_jax.tokenizer_api import Tokenizer, port_tokenizer_state_dict
+
+AR_CASES = ["ar_parallel", "ar_parallel_standard", "ar_1x"]
+SCHEDULE = ("parallel_mode", "diff_batch_mul", "time_shift", "P_mean", "P_std")
+
+
+def weights_dir(case_name):
+    return golden.case(case_name)["weight_files"][0].split("/")[0]
+
+
+@functools.lru_cache(maxsize=None)
+def load_case(case_name):
+    """(config, params {"model", "head"}, tokenizer) of a golden AR case (EMA weights)."""
+    conf = golden.case(case_name)["config"]
+    config = BitDanceConfig.from_reference_kwargs(conf["model_kwargs"])
+    ckpt = porting.load_torch_file(golden.path(weights_dir(case_name), "checkpoint.pt"))
+    sd = porting.tensors_to_numpy(ckpt["ema"])
+    overrides = {k: getattr(config, k) for k in SCHEDULE + ("n_head",)}
+    assert infer_config(sd, **overrides) == config
+    tok_config = TokenizerConfig.from_ddconfig(conf["vae_ddconfig"],
+                                               num_codebooks=conf["vae_num_codebooks"])
+    tokenizer = Tokenizer(tok_config, port_tokenizer_state_dict(sd, tok_config, prefix="vae."))
+    return config, port_model_state_dict(sd, config), tokenizer
+
+
+@pytest.mark.parametrize("case_name", AR_CASES)
+def test_forward_and_loss(case_name):
+    config, params, _ = load_case(case_name)
+    a = golden.arrays(case_name)
+    latents = golden.nchw_to_nhwc(a["latents"])
+    tokens = patching.patchify(latents, config.token_patch)
+    golden.check(case_name, "target_tokens", tokens)
+    backbone = BitDanceBackbone(config)
+    variables = {"params": params["model"]}
+    golden.check(case_name, "layer0_in",
+                 backbone.apply(variables, tokens, a["class_ids"], method="embed_sequence"))
+    golden.check(case_name, "hidden", backbone.apply(variables, tokens, a["class_ids"]))
+    loss = jax.jit(functools.partial(bitdance_loss, config=config))(
+        params, latents, a["class_ids"], t_raw=a["loss_t_raw"], noise=a["loss_e"])
+    golden.check(case_name, "loss", loss)
+
+
+def recorded_noise(a, prefix, config, batch, guided):
+    """The run's draws as a table [AR steps, head steps + 1, rows, P, C]. Guided steps
+    after the first draw B rows; they fill the conditional half (the rest is unused)."""
+    shapes = a[f"{prefix}noise_shapes"]
+    per_step = len(shapes) // config.num_steps
+    rows = 2 * batch if guided else batch
+    table = np.zeros((config.num_steps, per_step, rows, config.parallel_num, config.latent_dim),
+                     np.float32)
+    for k, shape in enumerate(shapes):
+        shape = tuple(int(s) for s in shape if s)
+        name = f"{prefix}noise_{k:03d}"
+        draw = a[name] if name in a else np.zeros(shape, np.float32)
+        assert draw.shape == shape
+        draw = draw.reshape(shape[0], config.parallel_num, config.latent_dim)
+        table[k // per_step, k % per_step, :shape[0]] = draw
+    return table, per_step - 1
+
+
+def run_prefixes(case_name):
+    a = golden.arrays(case_name)
+    return sorted({k.split("_")[0] for k in a if k.startswith("sample") and k.endswith("_images")})
+
+
+@pytest.mark.parametrize("case_name", AR_CASES)
+def test_sampling_runs(case_name):
+    config, params, tokenizer = load_case(case_name)
+    a = golden.arrays(case_name)
+    class_ids = a["class_ids"]
+    batch = len(class_ids)
+    compiled = {}
+    for run in run_prefixes(case_name):
+        prefix = run + "_"
+        cfgs = a[f"{prefix}head_cfg"]
+        guided = bool(np.any(cfgs > 1))
+        # the reference's linear schedule: 1 at step 0 (unguided), then towards cfg_scale
+        cfg_scale = 1 + (cfgs[-1] - 1) * config.num_steps / (config.num_steps - 1) if guided else 1.0
+        np.testing.assert_allclose(
+            [1 + (cfg_scale - 1) * i / config.num_steps if guided else 1.0
+             for i in range(config.num_steps)], cfgs, rtol=1e-6)
+        table, head_steps = recorded_noise(a, prefix, config, batch, guided)
+        key = (guided, head_steps)
+        if key not in compiled:
+            compiled[key] = jax.jit(lambda params, ids, cfg, table, guided=guided, steps=head_steps:
+                                    generate(config, params, ids, cfg, lambda i: table[i],
+                                             num_sampling_steps=steps, guided=guided, record=True))
+        tokens, (conds, preds) = compiled[key](params, class_ids, np.float32(cfg_scale), table)
+        squeeze = (lambda x: x[:, :, 0]) if config.parallel_num == 1 else (lambda x: x)
+        if f"{prefix}head_cond" in a:
+            golden.check(case_name, f"{prefix}head_cond", squeeze(conds))
+        golden.check(case_name, f"{prefix}head_pred", squeeze(preds))
+        grid = patching.unpatchify(np.asarray(tokens), config.token_patch, config.grid_size,
+                                   config.grid_size)
+        golden.check(case_name, f"{prefix}latent_tokens", np.moveaxis(grid, -1, 1))
+        golden.check(case_name, f"{prefix}images", np.moveaxis(tokenizer.decode(grid), -1, 1))
