@@ -453,6 +453,14 @@ def _prompt_bucket(length: int) -> int:
     return max(64, -(-length // 64) * 64)
 
 
+_PROGRESS_BARS: list = []  # the bar the running sample_latents call advances (innermost last)
+
+
+def _advance_progress(_step):
+    if _PROGRESS_BARS:
+        _PROGRESS_BARS[-1].update(1)
+
+
 @dataclasses.dataclass
 class SampleTrace:
     """Per image step: the head's condition [steps, N, P, D] and raw prediction [steps, N, P, C]."""
@@ -504,13 +512,14 @@ class T2IPipeline:
     def sample_latents(self, prompts: Sequence[str] | str, height: int, width: int, *,
                        num_sampling_steps: int = 50, guidance_scale: float = 7.5,
                        num_images: int = 1, noise_source: NoiseSource | None = None,
-                       seed: int = 0, trace: bool = False):
+                       seed: int = 0, trace: bool = False, progress: bool = False):
         """Binary latents [B, h, w, z] (B = num_images, or one per prompt when a list is given,
         each prompt then gets ``num_images``) and, with ``trace``, a ``SampleTrace``.
 
         ``noise_source(shape)`` returns every N(0, 1) draw at once, shaped
         [image_steps, num_sampling_steps + 1, B, P, z]: per image step the head's initial
-        state then one draw per SDE step (the reference's call order).
+        state then one draw per SDE step (the reference's call order). ``progress`` shows a
+        bar advanced by the jitted loop after each image step.
         """
         cfg = self.config
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -543,20 +552,29 @@ class T2IPipeline:
             raise ValueError(f"noise source gave {noise.shape}, expected {noise_shape}")
         pos = jnp.asarray(self.position_embed_2d(h, w)).reshape(image_steps, p_num, -1)
         run = _sampler(self.llm, self.head, self.projector, cfg.head.time_shift,
-                       num_sampling_steps, guided, trace)
-        tokens, head_cond, head_pred = run(
-            self.params, jnp.asarray(ids), jnp.asarray(lengths),
-            jnp.asarray(prefix[2:], jnp.int32), pos, noise, jnp.float32(guidance_scale))
+                       num_sampling_steps, guided, trace, progress)
+        if progress:
+            from tqdm import tqdm
+            _PROGRESS_BARS.append(tqdm(total=image_steps, desc="image steps", unit="step"))
+        try:
+            tokens, head_cond, head_pred = run(
+                self.params, jnp.asarray(ids), jnp.asarray(lengths),
+                jnp.asarray(prefix[2:], jnp.int32), pos, noise, jnp.float32(guidance_scale))
+            tokens = np.asarray(tokens)  # wait for the loop (and its progress updates)
+        finally:
+            if progress:
+                jax.effects_barrier()
+                _PROGRESS_BARS.pop().close()
         bits = unpatchify(tokens, h, w, cfg.patch_side)
         return (bits, SampleTrace(np.asarray(head_cond), np.asarray(head_pred))) if trace else bits
 
     def generate(self, prompt: str, height: int = 1024, width: int = 1024,
                  num_sampling_steps: int = 50, guidance_scale: float = 7.5, num_images: int = 1,
-                 seed: int = 0, noise_source: NoiseSource | None = None):
+                 seed: int = 0, noise_source: NoiseSource | None = None, progress: bool = False):
         """``num_images`` PIL images for ``prompt`` (the reference's ``generate``)."""
         bits = self.sample_latents(prompt, height, width, num_sampling_steps=num_sampling_steps,
                                    guidance_scale=guidance_scale, num_images=num_images,
-                                   noise_source=noise_source, seed=seed)
+                                   noise_source=noise_source, seed=seed, progress=progress)
         return to_pil(self.decode_latents(bits, seed=seed))
 
 
@@ -569,7 +587,7 @@ def to_pil(images) -> list:
 
 @functools.lru_cache(maxsize=None)
 def _sampler(llm, head, projector, time_shift: float, num_sampling_steps: int, guided: bool,
-             trace: bool):
+             trace: bool, progress: bool):
     """One jitted sampling loop per (modules, step counts, guidance on/off); shapes (prompt
     bucket, grid, batch) specialise it further through ``jit``'s own cache."""
 
@@ -622,11 +640,15 @@ def _sampler(llm, head, projector, time_shift: float, num_sampling_steps: int, g
             bits = jnp.sign(pred)
             fed = projector.apply({"params": params["projector"]}, bits) + pos[step][None]
             cache, hidden = block_call(cache, fed.astype(hidden.dtype), step + 1)
+            if progress:
+                jax.debug.callback(_advance_progress, step)
             return (cache, hidden), (bits[:batch], cond if trace else None, pred if trace else None)
 
         (cache, hidden), (bits, conds, preds) = jax.lax.scan(
             body, (cache, hidden), jnp.arange(image_steps - 1))
         last_cond, last_pred = head_step(hidden, image_steps - 1)
+        if progress:
+            jax.debug.callback(_advance_progress, image_steps - 1)
         bits = jnp.concatenate([bits, jnp.sign(last_pred)[None, :batch]], axis=0)
         tokens = bits.transpose(1, 0, 2, 3).reshape(batch, image_steps * p_num, -1)
         if not trace:
@@ -677,10 +699,12 @@ def main(argv=None) -> int:
         pipe = load_t2i(args.ckpt, param_dtype=dtype, dtype=dtype)
         pipe.check_size(args.height, args.width)  # fail before any work
         written = []
-        for i, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt")):
+        for i, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt",
+                                                disable=len(prompts) == 1)):
             images = pipe.generate(prompt, args.height, args.width,
                                    num_sampling_steps=args.steps, guidance_scale=args.guidance_scale,
-                                   num_images=args.num_images, seed=args.seed + i)
+                                   num_images=args.num_images, seed=args.seed + i,
+                                   progress=len(prompts) == 1)
             for j, im in enumerate(images):
                 if args.prompt is not None:
                     stem, ext = os.path.splitext(args.out)

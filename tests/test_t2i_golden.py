@@ -289,6 +289,12 @@ def test_cli_prompts_file(tmp_path, capsys):
     assert "no prompts" in capsys.readouterr().err
     assert t2i.main(["--ckpt", _model_dir(), "--prompt", "x", "--out", str(tmp_path / "x.png"),
                      "--height", str(height + 1), "--width", str(width)]) == 1
+    # One prompt, two images: per-step progress bar from inside the jitted loop.
+    assert t2i.main(["--ckpt", _model_dir(), "--prompt", "a red cube", "--out",
+                     str(tmp_path / "one.png"), "--height", str(height), "--width", str(width),
+                     "--steps", "1", "--guidance-scale", "2.0", "--num-images", "2"]) == 0
+    assert (tmp_path / "one_0.png").is_file() and (tmp_path / "one_1.png").is_file()
+    assert "image steps" in capsys.readouterr().err
 
 
 def test_sharded_sampling_equals_unsharded(pipe):
