@@ -37,7 +37,8 @@ from bitdance_jax.tokenizer_api import infer_tokenizer_config, port_tokenizer_st
 Dtype = Any
 KIND = "bitdance_t2i"
 
-# (height, width) in pixels accepted by the released 14B models (the reference's whitelist).
+# (height, width) in pixels accepted by the released 14B models: the reference's whitelist
+# (IMAGE_SIZE_LIST in t2i_pipeline.py, 18 entries).
 RELEASED_SIZES: tuple[tuple[int, int], ...] = (
     (2048, 512), (1920, 512), (1536, 640), (1280, 768), (1152, 896), (1024, 1024),
     (896, 1152), (768, 1280), (640, 1536), (512, 1920), (512, 2048),
@@ -265,7 +266,7 @@ def stream_llm_weights(shard_files: Sequence[str], abstract, *, shardings=None,
     flat_target = traverse_util.flatten_dict(nn.unbox(abstract))
     by_key = {key: path for path, key in porting.porting_map(abstract).items()}
     flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else None
-    out, extra, bad_shape = {}, [], []
+    out, extra, bad_shape, mis_shaped = {}, [], [], set()
     for shard in shard_files:
         try:
             handle = safe_open(shard, framework="np")
@@ -283,12 +284,13 @@ def stream_llm_weights(shard_files: Sequence[str], abstract, *, shardings=None,
                 if tuple(value.shape) != tuple(target.shape):
                     bad_shape.append(f"{key}: checkpoint {tuple(value.shape)} vs model "
                                      f"{tuple(target.shape)}")
+                    mis_shaped.add(key)
                     continue
                 value = np.asarray(value, dtype=target.dtype)
                 out[path] = (jax.device_put(value, flat_shardings[path])
                              if flat_shardings is not None else value)
-    missing = sorted(key for key, path in by_key.items() if path not in out
-                     and not any(key in b for b in bad_shape))
+    missing = sorted(key for key, path in by_key.items()
+                     if path not in out and key not in mis_shaped)
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s): {', '.join(missing)}")

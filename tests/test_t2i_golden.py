@@ -247,8 +247,12 @@ def test_llm_weights_must_match_config(tmp_path):
     sd = porting.load_safetensors(os.path.join(folder, t2i.LLM_SINGLE_FILE))
     sd.pop("model.norm.weight")
     sd["model.extra.weight"] = np.zeros(1, np.float32)
+    key = "model.layers.0.mlp.up_proj.weight"
+    sd[key] = sd[key][:-1]
     save_file(sd, os.path.join(folder, t2i.LLM_SINGLE_FILE))
-    with pytest.raises(porting.PortingError, match="model.norm.weight.*model.extra.weight"):
+    with pytest.raises(porting.PortingError,
+                       match=r"1 missing key\(s\): model.norm.weight .*model.extra.weight.*"
+                             r"1 shape mismatch\(es\): " + re.escape(key)):
         t2i.load_t2i(folder)
 
 
