@@ -278,7 +278,7 @@ class TrainRecords:
         epoch, index = self.locate(i)
         index, record = self._read(index)
         rng = np.random.default_rng([self.seed, epoch, index])
-        out = {"label": np.int32(record["label"]), "index": np.int64(index)}
+        out = {"label": np.int32(record["label"]), "index": np.int32(index)}
         if "latents" in record:
             lat = record["latents"]
             variant = int(rng.integers(0, lat.shape[0])) if self.random_flip else 0

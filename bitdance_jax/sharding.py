@@ -72,3 +72,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading dim split over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def divisible_logical_sharding(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """``logical_sharding``, but a dim the mesh axes do not divide (e.g. 3 RGB output
+    channels over tensor=2) is replicated instead of split. Leaves follow the unboxed tree."""
+    def fit(named, leaf):
+        spec = []
+        for dim, axes in zip(leaf.shape, tuple(named.spec) + (None,) * len(leaf.shape)):
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+            spec.append(axes if dim % ways == 0 else None)
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return jax.tree.map(fit, logical_sharding(abstract_tree, mesh, rules), nn.unbox(abstract_tree))

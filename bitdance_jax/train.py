@@ -9,6 +9,7 @@ optimizer state, step, RNG and the Grain iterator state).
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import json
@@ -56,55 +57,81 @@ class NonFiniteLossError(RuntimeError):
 # Config parsing.
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    from ml_collections.config_flags import config_flags
+    """``get_config()`` of a Python config file (as ml_collections' config_flags loads it)."""
+    import importlib.util
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} does not exist")
-    return config_flags._LoadConfigModule("config", path).get_config()  # noqa: SLF001
+    spec = importlib.util.spec_from_file_location("bitdance_train_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path!r} has no get_config()")
+    return module.get_config()
 
 
-def _check_override(config, dotted: str):
+def _parse_value(text: str, current):
+    """A command-line value in the type of the field it replaces."""
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, str):
+        return text
+    value = ast.literal_eval(text)
+    if isinstance(current, (tuple, list)):
+        value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return value
+
+
+def apply_override(config, dotted: str, text: str):
+    """Set ``config.<dotted>`` from a string; an unknown field raises a ValueError naming it
+    and the fields that do exist at that level."""
+    *parents, leaf = dotted.split(".")
     node, walked = config, "config"
-    for part in dotted.split("."):
-        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
-            known = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+    for part in parents + [leaf]:
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
             raise ValueError(f"unknown config field '{walked}.{part}' "
                              f"(fields of {walked}: {', '.join(known) or 'none'})")
-        node, walked = node[part], f"{walked}.{part}"
+        if part != leaf:
+            node, walked = node[part], f"{walked}.{part}"
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+        raise ValueError(f"config.{dotted} is a group of fields; set one of its fields")
+    try:
+        node[leaf] = _parse_value(text, node[leaf])
+    except (ValueError, SyntaxError, TypeError) as e:
+        raise ValueError(f"bad value {text!r} for config.{dotted}: {e}") from e
 
 
 def parse_args(argv: list[str]):
-    """``--config FILE --workdir DIR [--config.a.b=v ...]`` -> (config, workdir, multihost).
-
-    Unknown ``--config.<field>`` names raise a ValueError naming the field and its siblings.
-    """
-    from absl import flags
-    from ml_collections.config_flags import config_flags
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "training config file", flag_values=fv)
-    flags.DEFINE_string("workdir", None, "checkpoints, logs and samples", flag_values=fv)
-    flags.DEFINE_enum("multihost", "auto", ["auto", "yes", "no"],
-                      "call jax.distributed.initialize() (auto: when launched on several hosts)",
-                      flag_values=fv)
-    args = list(argv[1:])
-    config_path = None
-    for i, a in enumerate(args):
-        if a.startswith("--config="):
-            config_path = a.split("=", 1)[1]
-        elif a == "--config" and i + 1 < len(args):
-            config_path = args[i + 1]
-    if config_path is None:
-        raise ValueError("--config FILE is required (e.g. --config configs/default.py)")
-    base = load_config_file(config_path)
-    for a in args:
-        if a.startswith("--config."):
-            _check_override(base, a[len("--config."):].split("=", 1)[0])
+    """``--config FILE --workdir DIR [--config.a.b=v ...]`` -> (config, workdir, multihost)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m bitdance_jax.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="config file (configs/<name>.py)")
+    parser.add_argument("--workdir", required=True, help="checkpoints, logs and samples")
+    parser.add_argument("--multihost", choices=["auto", "yes", "no"], default="auto",
+                        help="call jax.distributed.initialize() (auto: on multi-host launches)")
+    overrides, rest = [], []
+    for a in argv[1:]:
+        (overrides if a.startswith("--config.") else rest).append(a)
     try:
-        fv([argv[0]] + args)
-    except flags.Error as e:
-        raise ValueError(str(e)) from e
-    if not fv.workdir:
-        raise ValueError("--workdir DIR is required")
-    return fv.config, fv.workdir, fv.multihost
+        args = parser.parse_args(rest)
+    except SystemExit as e:
+        raise ValueError(f"bad command line: {' '.join(argv[1:])}") from e
+    config = load_config_file(args.config)
+    for a in overrides:
+        if "=" not in a:
+            raise ValueError(f"{a}: write --config.<field>=<value>")
+        dotted, text = a[len("--config."):].split("=", 1)
+        apply_override(config, dotted, text)
+    return config, args.workdir, args.multihost
 
 
 def maybe_initialize_distributed(mode: str = "auto"):
@@ -264,7 +291,7 @@ class Trainer:
                                               weight_decay=o.weight_decay, clip_norm=o.clip_norm,
                                               no_decay_names=tuple(o.no_decay_names))
         boxed = jax.eval_shape(self.task.init, jax.random.PRNGKey(0))
-        self.param_shardings = sharding.logical_sharding(boxed, self.mesh)
+        self.param_shardings = sharding.divisible_logical_sharding(boxed, self.mesh)
         abstract_params = nn.unbox(boxed)
         abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
         rep = sharding.replicated(self.mesh)
@@ -304,7 +331,7 @@ class Trainer:
         rng = jax.random.fold_in(state["rng"], state["step"])
         (loss, aux), grads = jax.value_and_grad(self.task.loss, has_aux=True)(
             state["params"], frozen, batch, rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ema = optim.ema_update(state["ema"], params, self.config.optim.ema_decay)
@@ -318,6 +345,7 @@ class Trainer:
         return new_state, jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
 
     def step_fn(self, batch_example: dict):
+        """The jitted step: explicit in/out shardings, the state donated."""
         if self._step_fn is None:
             batch_shardings = {k: self.batch_sharding(np.ndim(v)) for k, v in batch_example.items()}
             self._step_fn = jax.jit(
@@ -326,6 +354,10 @@ class Trainer:
                 out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                 donate_argnums=(0,))
         return self._step_fn
+
+    def compile_step(self, state, batch):
+        """Ahead-of-time compiled step (one compile; its cost analysis gives the FLOPs)."""
+        return self.step_fn(batch).lower(state, self.frozen, batch).compile()
 
     def to_device(self, local_batch):
         return data_lib.to_global_arrays(local_batch, self.batch_sharding)
@@ -456,11 +488,13 @@ def num_train_steps(config, num_records: int, global_batch: int) -> int:
     return int(config.epochs * (num_records // global_batch))
 
 
-def train(config, workdir: str, *, mesh=None, stop_after: int | None = None) -> dict:
+def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
+          on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train ``config`` in ``workdir`` (resuming when it holds checkpoints).
 
     ``stop_after``: return once the state reaches that step (tests / benchmarks), leaving a
-    checkpoint there. Returns a summary (final step, last metrics, paths).
+    checkpoint there. ``on_step(step, local_batch)`` is called after each step is dispatched.
+    Returns a summary (final step, last metrics, paths).
     """
     if config.kind == "pipeline":
         return run_pipeline(config, workdir, mesh=mesh)
@@ -506,17 +540,19 @@ def train(config, workdir: str, *, mesh=None, stop_after: int | None = None) -> 
         with _Preemption() as preempt, jax.set_mesh(trainer.mesh), \
                 nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
             while step < num_steps:
-                batch = trainer.to_device(next(data_iter))
-                fn = trainer.step_fn(batch)
+                local_batch = next(data_iter)
+                batch = trainer.to_device(local_batch)
                 if logger is None:
-                    compiled = fn.lower(state, trainer.frozen, batch).compile()
+                    fn = trainer.compile_step(state, batch)
                     logger = MetricLogger(workdir, num_steps, start, trainer.global_batch,
-                                          trainer.task.tokens_per_example, step_flops(compiled),
+                                          trainer.task.tokens_per_example, step_flops(fn),
                                           peak_flops_per_device(config))
                 state, metrics = fn(state, trainer.frozen, batch)
                 step += 1
                 data_states[step] = data_iter.get_state()
                 data_states.pop(step - 3, None)
+                if on_step is not None:
+                    on_step(step, local_batch)
                 if pending is not None:
                     state = _check_finite(pending, mngr, state, data_states)
                     logger.add(pending[1])

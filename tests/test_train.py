@@ -1,0 +1,233 @@
+"""Trainer: mesh invariance of one step, exact resume (stop, SIGTERM), NaN stop, bad input.
+
+Everything runs a tiny tokenizer on 8x8 digits so the whole file stays fast on 2 CPU cores.
+"""
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitdance_jax import data as data_lib
+from bitdance_jax import sharding, train
+from bitdance_jax.train_config import base_config, tokenizer_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Every run here compiles the same programs: share them through the persistent cache."""
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(keys[1], 0.0)
+    jax.config.update(keys[2], 0)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+def tiny_config(**kw):
+    c = base_config("tokenizer")
+    c.tokenizer = tokenizer_config(ch=32, ch_mult=(1,), num_res_blocks=1, z_channels=8,
+                                   num_codebooks=2)
+    c.data.image_size = 8
+    c.data.num_threads = 1
+    c.global_batch_size = 8
+    c.num_steps = 6
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 2
+    c.optim.decay_start = 3
+    c.optim.ema_decay = 0.9
+    c.log_every = 2
+    c.checkpoint.every_steps = 2
+    c.checkpoint.keep = 2
+    for k, v in kw.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def params_of(workdir, config):
+    """Params and EMA of the latest checkpoint in ``workdir``."""
+    trainer = train.Trainer(config, workdir, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    trainer.build(config.num_steps)
+    mngr = train.make_checkpoint_manager(workdir, config)
+    state, data_state = train.restore_checkpoint(mngr, trainer, mngr.latest_step())
+    mngr.close()
+    return jax.device_get(state), data_state
+
+
+def assert_trees_equal(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 1)]
+
+
+def test_one_step_same_on_every_mesh():
+    # eps 1e-4: a param whose gradient is only float noise (e.g. a bias right before a norm)
+    # would otherwise move by +-lr in Adam's first step, with a mesh-dependent sign.
+    config = tiny_config(**{"optim.warmup_steps": 0, "optim.eps": 1e-4})
+    source = data_lib.make_source(config.data)
+    local = next(iter(data_lib.make_train_dataset(source, config.data, global_batch=8,
+                                                  num_steps=1, seed=0)))
+    one = train.Trainer(config, "/x", sharding.make_mesh((1, 1, 1), jax.devices()[:1])).build(6)
+    init_params = jax.device_get(one.init_state()["params"])
+    results = {}
+    for shape in MESHES:
+        devices = jax.devices()[:int(np.prod(shape))]
+        trainer = train.Trainer(config, "/nonexistent", sharding.make_mesh(shape, devices)).build(6)
+        state = trainer.init_state(init_params)
+        batch = trainer.to_device(local)
+        with jax.set_mesh(trainer.mesh):
+            new_state, metrics = trainer.compile_step(state, batch)(state, trainer.frozen, batch)
+        results[shape] = (float(metrics["loss"]), jax.device_get(new_state["params"]),
+                          float(metrics["grad_norm"]))
+        if shape == (2, 2, 2):  # params really are split over the tensor axis
+            kernel = new_state["params"]["encoder"]["conv_in"]["kernel"]
+            assert kernel.sharding.spec[-1] == "tensor"
+    ref_loss, ref_params, ref_gnorm = results[(1, 1, 1)]
+    for shape, (loss, params, gnorm) in results.items():
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=str(shape))
+        np.testing.assert_allclose(gnorm, ref_gnorm, rtol=1e-4, err_msg=str(shape))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                             atol=0.01 * config.optim.lr,
+                                                             err_msg=str(shape)),
+                     params, ref_params)
+    # The step did change the params (the comparison is not vacuous).
+    diff = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), ref_params, init_params)
+    assert max(jax.tree.leaves(diff)) > 0.5 * config.optim.lr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("full"))
+    config = tiny_config()
+    seen = []
+    summary = train.train(config, workdir, on_step=lambda s, b: seen.append(b["index"].copy()))
+    assert summary["step"] == config.num_steps
+    state, data_state = params_of(workdir, config)
+    return config, state, data_state, seen, summary
+
+
+def test_run_writes_samples_export_and_tensorboard(uninterrupted):
+    config, _, _, _, summary = uninterrupted
+    assert os.path.isfile(summary["samples"])
+    assert os.path.isfile(os.path.join(summary["export"], "bitdance.json"))
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(summary["workdir"], "tb")))
+    for key in ("loss", "grad_norm", "lr", "steps_per_s", "images_per_s", "tokens_per_s"):
+        assert np.isfinite(summary["metrics"][key])
+    from bitdance_jax.tokenizer_api import load_tokenizer
+    tok = load_tokenizer(summary["export"])
+    size, f = config.data.image_size, tok.downsample_factor
+    assert tok.encode(np.zeros((1, size, size, 3), np.float32)).shape == (
+        1, size // f, size // f, config.tokenizer.z_channels)
+
+
+def test_stop_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    config, full_state, full_data, full_seen, _ = uninterrupted
+    workdir = str(tmp_path)
+    seen = []
+    record = lambda s, b: seen.append(b["index"].copy())
+    first = train.train(config, workdir, stop_after=3, on_step=record)
+    assert first["step"] == 3 and first["stopped"]
+    train.train(config, workdir, on_step=record)
+    state, data_state = params_of(workdir, config)
+    assert_trees_equal(state["params"], full_state["params"])
+    assert_trees_equal(state["ema"], full_state["ema"])
+    assert_trees_equal(state["opt_state"], full_state["opt_state"])
+    assert int(state["step"]) == config.num_steps and data_state == full_data
+    np.testing.assert_array_equal(np.stack(seen), np.stack(full_seen))  # same data order
+
+
+def test_sigterm_saves_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    config, full_state, _, full_seen, _ = uninterrupted
+    workdir = str(tmp_path)
+    seen = []
+
+    def record(step, batch):
+        seen.append(batch["index"].copy())
+        if step == 3:  # a real SIGTERM, delivered to this process mid-run
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first = train.train(config, workdir, on_step=record)
+    assert first["preempted"] and first["step"] == 3
+    mngr = train.make_checkpoint_manager(workdir, config)
+    assert mngr.latest_step() == 3  # saved although 3 is not a multiple of every_steps
+    mngr.close()
+    train.train(config, workdir, on_step=lambda s, b: seen.append(b["index"].copy()))
+    state, _ = params_of(workdir, config)
+    assert_trees_equal(state["params"], full_state["params"])
+    np.testing.assert_array_equal(np.stack(seen), np.stack(full_seen))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_state(uninterrupted, tmp_path, monkeypatch):
+    config, _, _, _, _ = uninterrupted
+    bad_step = 4  # 1-based: the 4th step's batch poisons the loss
+    _, rows = data_lib.global_rows(bad_step - 1, config.global_batch_size, 1797, config.seed)
+    poison = int(rows[0])
+    real_loss = train.TokenizerTask.loss
+
+    def poisoned(self, params, frozen, batch, rng):
+        loss, aux = real_loss(self, params, frozen, batch, rng)
+        return jnp.where(jnp.any(batch["index"] == poison), jnp.nan, loss), aux
+
+    monkeypatch.setattr(train.TokenizerTask, "loss", poisoned)
+    with pytest.raises(train.NonFiniteLossError, match=f"step {bad_step}"):
+        train.train(config, str(tmp_path))
+    # Reference: the same (poisoned) program stopped before the bad step.
+    ref_dir = str(tmp_path / "ref")
+    train.train(config, ref_dir, stop_after=bad_step - 1)
+    mngr = train.make_checkpoint_manager(str(tmp_path), config)
+    assert mngr.latest_step() == bad_step - 1
+    mngr.close()
+    state, data_state = params_of(str(tmp_path), config)
+    assert int(state["step"]) == bad_step - 1 and bool(state["ok"])
+    ref, ref_data = params_of(ref_dir, config)
+    assert_trees_equal(state["params"], ref["params"])
+    assert data_state == ref_data
+
+
+def test_unknown_config_field_is_rejected(tmp_path):
+    cfg = os.path.join(REPO, "configs", "digits_tokenizer.py")
+    with pytest.raises(ValueError, match=r"unknown config field 'config\.optim\.learning_rat'"):
+        train.parse_args(["train", "--config", cfg, "--workdir", str(tmp_path),
+                          "--config.optim.learning_rat=1e-3"])
+    with pytest.raises(ValueError, match=r"unknown config field 'config\.nope'"):
+        train.parse_args(["train", f"--config={cfg}", "--workdir", str(tmp_path), "--config.nope=1"])
+    assert train.main(["train", "--config", cfg, "--workdir", str(tmp_path), "--config.nope=1"]) == 2
+    config, workdir, _ = train.parse_args(["train", "--config", cfg, "--workdir", str(tmp_path),
+                                           "--config.optim.lr=0.5", "--config.mesh=(2,2,2)"])
+    assert config.optim.lr == 0.5 and tuple(config.mesh) == (2, 2, 2) and workdir == str(tmp_path)
+    assert not os.listdir(tmp_path)  # nothing written for a rejected command
+
+
+def test_batch_not_divisible_by_data_axis():
+    config = tiny_config(global_batch_size=12)
+    with pytest.raises(ValueError, match="not divisible by the data axis"):
+        train.Trainer(config, "/nonexistent", sharding.make_mesh((8, 1, 1)))
+    config = tiny_config(global_batch_size=0, per_device_batch_size=3)
+    assert train.Trainer(config, "/x", sharding.make_mesh((4, 1, 2))).global_batch == 24
+
+
+def test_schedule_and_weight_decay_mask():
+    from bitdance_jax import optim
+    sched = optim.lr_schedule(1.0, warmup_steps=10, decay_start=20, total_steps=30, min_lr=0.1)
+    np.testing.assert_allclose([float(sched(s)) for s in (0, 5, 10, 19, 20, 25, 30)],
+                               [0.0, 0.5, 1.0, 1.0, 1.0, 0.55, 0.1], rtol=1e-6)
+    params = {"proj_in": {"w1": {"kernel": jnp.ones((2, 2))}}, "cls_embedding": {"embedding": jnp.ones((3, 2))},
+              "query_token": jnp.ones((1, 2, 2)), "layers_0": {"wqkv": {"kernel": jnp.ones((2, 6)),
+                                                                       "bias": jnp.ones((6,))}},
+              "norm": {"scale": jnp.ones((2,))}}
+    mask = optim.weight_decay_mask(params)
+    assert mask == {"proj_in": {"w1": {"kernel": False}}, "cls_embedding": {"embedding": False},
+                    "query_token": False, "layers_0": {"wqkv": {"kernel": True, "bias": False}},
+                    "norm": {"scale": False}}
