@@ -410,26 +410,34 @@ def param_shardings(abstract, mesh):
     return jax.tree.map(fit, logical_sharding(abstract, mesh), nn.unbox(abstract))
 
 
+def abstract_t2i_params(config: T2IConfig, param_dtype=jnp.float32) -> dict:
+    """Boxed param shapes of every part ({"llm", "head", "projector", "tokenizer"}), nothing
+    allocated (``jax.eval_shape``)."""
+    from bitdance_jax.tokenizer_api import abstract_tokenizer_params
+    return {
+        "llm": _abstract_llm(config, param_dtype),
+        "head": porting.abstract_params(DiffusionNet(config.head, param_dtype=param_dtype),
+                                        *_head_example(config)),
+        "projector": porting.abstract_params(
+            Projector(config.llm.hidden_size, param_dtype=param_dtype),
+            jax.ShapeDtypeStruct((1, 1, config.tokenizer.z_channels), jnp.float32)),
+        "tokenizer": abstract_tokenizer_params(config.tokenizer, param_dtype=param_dtype)}
+
+
 def place_params(params, config: T2IConfig, mesh):
     """Put every param (LLM, head, projector, tokenizer decoder) on the sharding its logical
     axes give on ``mesh``: fsdp splits the model dimension, tensor splits heads/MLP/vocab.
 
-    Memory for the released 14B model (14.77e9 params; 0.78e9 of them the LM head, unused
-    when sampling): bf16 params take 29.5 GB, float32 59 GB. The KV cache holds
+    Memory for the released 14B models: 14.77e9 LLM params (0.78e9 of them the LM head,
+    unused when sampling) + 1.76e9 vision head + 0.03e9 projector + 0.46e9 tokenizer, about
+    17.0e9 in all: bf16 params take 34 GB, float32 68 GB. The KV cache holds
     2 (k, v) x 40 layers x 8 kv heads x 128 x 2 bytes = 160 KiB per token and row in bf16;
     a 1024x1024 image at 16 tokens/step is about 4.4k tokens, x 2 rows (cond + uncond) per
     image: about 1.4 GB per image. On 16 GB-HBM chips (e.g. TPU v5e) bf16 needs
-    fsdp x tensor >= 4 (7.4 GB of params per chip, leaving room for cache and activations;
-    2 chips would need 14.8 GB for params alone); float32 needs >= 8 (7.4 GB per chip).
+    fsdp x tensor >= 4 (8.5 GB of params per chip, leaving room for cache and activations;
+    2 chips would need 17 GB for params alone); float32 needs >= 8 (8.5 GB per chip).
     """
-    from bitdance_jax.tokenizer_api import abstract_tokenizer_params
-    abstract = {
-        "llm": _abstract_llm(config, jnp.float32),
-        "head": porting.abstract_params(DiffusionNet(config.head), *_head_example(config)),
-        "projector": porting.abstract_params(
-            Projector(config.llm.hidden_size),
-            jax.ShapeDtypeStruct((1, 1, config.tokenizer.z_channels), jnp.float32)),
-        "tokenizer": abstract_tokenizer_params(config.tokenizer)}
+    abstract = abstract_t2i_params(config)
     return jax.tree.map(jax.device_put, params, param_shardings(abstract, mesh))
 
 

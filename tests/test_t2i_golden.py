@@ -323,3 +323,49 @@ def test_sharded_sampling_equals_unsharded(pipe):
     np.testing.assert_allclose(trace.head_cond, ref_trace.head_cond, rtol=1e-5, atol=1e-5)
     golden.check("t2i_gen", run["prefix"] + "head_pred", trace.head_pred)
     golden.check("t2i_gen", run["prefix"] + "latent_tokens", np.moveaxis(np.asarray(bits), -1, 1))
+
+
+@pytest.mark.parametrize("variant", ["16x", "64x"])
+def test_released_14b_config_and_shapes(tmp_path, variant):
+    """A folder with the released JSON configs (weights absent): its config, the size
+    whitelist for every released size, and eval_shape of projector/head vs the release."""
+    with open(golden.path("checkpoint_formats.json")) as f:
+        models = json.load(f)["models"]
+    llm = models["BitDance-14B/llm"]
+    released_llm = {k: tuple(s) for k, s, _ in llm[f"state_dict_{variant}"]} \
+        if f"state_dict_{variant}" in llm else None
+    head_entry = models[f"BitDance-14B-{variant}/vision_head"]
+    base = qwen3.QWEN3_14B
+    vocab = llm["vocab_guess"][variant]
+    hf_config = {"hidden_size": base.hidden_size, "intermediate_size": base.intermediate_size,
+                 "num_hidden_layers": base.num_hidden_layers,
+                 "num_attention_heads": base.num_attention_heads,
+                 "num_key_value_heads": base.num_key_value_heads, "head_dim": base.head_dim,
+                 "rope_theta": base.rope_theta, "rms_norm_eps": base.rms_norm_eps,
+                 "vocab_size": vocab, "tie_word_embeddings": False}
+    folder = tmp_path / "BitDance-14B"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(hf_config))
+    (folder / "vision_head_config.json").write_text(json.dumps(head_entry["vision_head_config"]))
+    (folder / "ae_config.json").write_text(json.dumps(
+        {"ddconfig": models["BitDance-14B/ae"]["ddconfig"], "gan_decoder": False}))
+    for name in t2i.RELEASED_FILES:
+        (folder / name).touch(exist_ok=True)
+    config = t2i.read_released_config(str(folder))
+    assert config.supported_sizes == t2i.RELEASED_SIZES
+    assert config.parallel_num == head_entry["vision_head_config"]["parallel_num"]
+    for height, width in t2i.RELEASED_SIZES:
+        h, w = config.latent_grid(height, width)
+        assert h * w % config.parallel_num == 0
+    with pytest.raises(ValueError, match="not supported"):
+        config.latent_grid(1024, 512)
+
+    abstract = t2i.abstract_t2i_params(config, param_dtype=jnp.bfloat16)
+    head_shapes = {"net." + k: v for k, v in porting.expected_torch_shapes(abstract["head"]).items()}
+    assert head_shapes == {k: tuple(s) for k, s, _ in head_entry["state_dict"]}
+    assert porting.expected_torch_shapes(abstract["projector"]) == {
+        k: tuple(s) for k, s, _ in models["BitDance-14B/projector"]["state_dict"]}
+    llm_shapes = porting.expected_torch_shapes(abstract["llm"])
+    assert llm_shapes["model.embed_tokens.weight"] == (vocab, base.hidden_size)
+    if released_llm is not None:
+        assert llm_shapes == released_llm
