@@ -693,7 +693,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50, help="SDE steps of the head per image step")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first batch (+1 per batch)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts sampled together")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="param and compute dtype")
     args = p.parse_args(argv)
@@ -708,23 +709,32 @@ def main(argv=None) -> int:
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         pipe = load_t2i(args.ckpt, param_dtype=dtype, dtype=dtype)
         pipe.check_size(args.height, args.width)  # fail before any work
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         written = []
-        for i, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt",
-                                                disable=len(prompts) == 1)):
-            images = pipe.generate(prompt, args.height, args.width,
-                                   num_sampling_steps=args.steps, guidance_scale=args.guidance_scale,
-                                   num_images=args.num_images, seed=args.seed + i,
-                                   progress=len(prompts) == 1)
-            for j, im in enumerate(images):
+        bar = tqdm(total=len(prompts), desc="prompts", unit="prompt", disable=len(prompts) == 1)
+        for start in range(0, len(prompts), args.batch_size):
+            chunk = prompts[start:start + args.batch_size]
+            seed = args.seed + start // args.batch_size
+            bits = pipe.sample_latents(chunk, args.height, args.width,
+                                       num_sampling_steps=args.steps,
+                                       guidance_scale=args.guidance_scale,
+                                       num_images=args.num_images, seed=seed,
+                                       progress=len(prompts) == 1)
+            images = to_pil(pipe.decode_latents(bits, seed=seed))
+            for k, im in enumerate(images):
+                i, j = start + k // args.num_images, k % args.num_images
                 if args.prompt is not None:
                     stem, ext = os.path.splitext(args.out)
-                    path = args.out if len(images) == 1 else f"{stem}_{j}{ext or '.png'}"
+                    path = args.out if args.num_images == 1 else f"{stem}_{j}{ext or '.png'}"
                 else:
-                    name = f"{i:05d}.png" if len(images) == 1 else f"{i:05d}_{j}.png"
+                    name = f"{i:05d}.png" if args.num_images == 1 else f"{i:05d}_{j}.png"
                     path = os.path.join(args.out_dir, name)
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 im.save(path)
                 written.append(path)
+            bar.update(len(chunk))
+        bar.close()
     except (ValueError, FileNotFoundError, porting.PortingError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -283,7 +283,7 @@ def test_cli_prompts_file(tmp_path, capsys):
     height, width = cfg["image_size"]
     rc = t2i.main(["--ckpt", _model_dir(), "--prompts-file", str(prompts), "--out-dir", str(out_dir),
                    "--height", str(height), "--width", str(width), "--steps", "1",
-                   "--guidance-scale", "1.0", "--dtype", "bfloat16"])
+                   "--guidance-scale", "1.0", "--dtype", "bfloat16", "--batch-size", "2"])
     assert rc == 0
     assert sorted(os.listdir(out_dir)) == ["00000.png", "00001.png"]
     empty = tmp_path / "empty.txt"
