@@ -7,6 +7,7 @@ ported directory, sample images.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Mapping, Sequence
@@ -14,8 +15,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from bitdance_jax import checkpoint, porting, sampler
+from bitdance_jax import checkpoint, porting, sampler, sharding
 from bitdance_jax.diffusion_head import infer_head_config, port_head_state_dict
 from bitdance_jax.model import (DEFAULT_CFG_SCALES, RELEASED_MODELS, BitDanceConfig,
                                 abstract_backbone_params, released_name)
@@ -171,6 +173,8 @@ class BitDanceModel:
         self.default_cfg_scale = float(default_cfg_scale)
         self.sampler = sampler.Sampler(config, dtype=dtype, mesh=mesh)
         self.decode_chunk = decode_chunk
+        self._decode = jax.jit(functools.partial(tokenizer.model.apply, method="decode"))
+        self._tokenizer_params = None
 
     @property
     def image_size(self) -> int:
@@ -188,8 +192,26 @@ class BitDanceModel:
 
     def decode(self, latents) -> np.ndarray:
         """Latents [B, h, w, C] -> uint8 images [B, H, W, 3] (the reference's rounding:
-        clamp(127.5 x + 128, 0, 255) truncated)."""
-        images = self.tokenizer.decode(latents)
+        clamp(127.5 x + 128, 0, 255) truncated). Chunks of ``decode_chunk`` images are split
+        over the mesh's data axis."""
+        latents = np.asarray(latents, np.float32)
+        if self.tokenizer.config.gan_decoder:
+            images = self.tokenizer.decode(latents)
+        else:
+            mesh = self.sampler.mesh
+            shards = self.sampler.num_shards
+            if self._tokenizer_params is None:
+                self._tokenizer_params = jax.device_put(self.tokenizer.params,
+                                                        sharding.replicated(mesh))
+            chunk = -(-self.decode_chunk // shards) * shards
+            images = []
+            for i in range(0, len(latents), chunk):
+                part = latents[i:i + chunk]
+                padded = np.pad(part, ((0, -len(part) % shards),) + ((0, 0),) * 3)
+                out = self._decode({"params": self._tokenizer_params},
+                                   jax.device_put(padded, NamedSharding(mesh, PartitionSpec("data"))))
+                images.append(np.asarray(out)[:len(part)])
+            images = np.concatenate(images)
         return np.clip(127.5 * images + 128.0, 0, 255).astype(np.uint8)
 
     def sample(self, class_ids: Sequence[int], seed: int = 0, cfg_scale: float | None = None,

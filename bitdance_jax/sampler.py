@@ -113,15 +113,30 @@ def keyed_noise(seed, sample_indices, guided: bool, num_sampling_steps: int,
     return noise_fn
 
 
+@functools.lru_cache(maxsize=64)
+def _sharded_program(config: BitDanceConfig, dtype, mesh, batch: int, num_sampling_steps: int,
+                     guided: bool):
+    """The jitted sampler of one shape, shared by every ``Sampler`` of the same model/mesh:
+    each device runs its slice of the batch (its own cond/null doubling) independently."""
+    def local(params, class_ids, sample_indices, seed, cfg_scale):
+        noise_fn = keyed_noise(seed, sample_indices, guided, num_sampling_steps, config)
+        tokens = generate(config, params, class_ids, cfg_scale, noise_fn,
+                          num_sampling_steps=num_sampling_steps, guided=guided, dtype=dtype)
+        return patching.unpatchify(tokens, config.token_patch, config.grid_size, config.grid_size)
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P("data"), P(), P()),
+                            out_specs=P("data"), check_vma=False)
+    return jax.jit(sharded)
+
+
 class Sampler:
     """Public sampler: validates input, shards the batch over the mesh's ``data`` axis and
-    caches one compiled program per (batch, head steps, guided)."""
+    reuses one compiled program per (model, mesh, batch, head steps, guided)."""
 
     def __init__(self, config: BitDanceConfig, dtype: Dtype = jnp.float32, mesh=None):
         self.config = config
         self.dtype = dtype
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
-        self._compiled: dict[tuple, Callable] = {}
         self._placed = (None, None)
 
     @property
@@ -143,22 +158,8 @@ class Sampler:
         return ids.astype(np.int32)
 
     def _program(self, batch: int, num_sampling_steps: int, guided: bool):
-        key = (batch, num_sampling_steps, guided)
-        if key not in self._compiled:
-            cfg = self.config
-
-            def local(params, class_ids, sample_indices, seed, cfg_scale):
-                noise_fn = keyed_noise(seed, sample_indices, guided, num_sampling_steps, cfg)
-                tokens = generate(cfg, params, class_ids, cfg_scale, noise_fn,
-                                  num_sampling_steps=num_sampling_steps, guided=guided,
-                                  dtype=self.dtype)
-                return patching.unpatchify(tokens, cfg.token_patch, cfg.grid_size, cfg.grid_size)
-
-            sharded = jax.shard_map(local, mesh=self.mesh,
-                                    in_specs=(P(), P("data"), P("data"), P(), P()),
-                                    out_specs=P("data"), check_vma=False)
-            self._compiled[key] = jax.jit(sharded)
-        return self._compiled[key]
+        return _sharded_program(self.config, self.dtype, self.mesh, batch, num_sampling_steps,
+                                guided)
 
     def _replicated(self, params):
         if self._placed[0] is not params:
