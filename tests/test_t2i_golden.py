@@ -369,3 +369,18 @@ def test_released_14b_config_and_shapes(tmp_path, variant):
     assert llm_shapes["model.embed_tokens.weight"] == (vocab, base.hidden_size)
     if released_llm is not None:
         assert llm_shapes == released_llm
+
+
+def test_prompt_batch_rows_are_independent(pipe):
+    """Several prompts of different lengths in one call (padded prompt slots): the golden
+    prompt's row reproduces its zero-noise run."""
+    cfg = golden.case("t2i_gen")["config"]
+    zero_runs = [r for r in cfg["runs"] if r["noise"] == "zeros"]
+    run = max(zero_runs, key=lambda r: r["guidance_scale"])
+    other = "a much longer prompt " * 3
+    bits = pipe.sample_latents([other, _user_prompt(cfg)], *cfg["image_size"],
+                               num_sampling_steps=cfg["num_sampling_steps"],
+                               guidance_scale=run["guidance_scale"], num_images=run["num_images"],
+                               noise_source=lambda shape: np.zeros(shape, np.float32))
+    ours = np.moveaxis(np.asarray(bits[run["num_images"]:]), -1, 1)
+    golden.check("t2i_gen", run["prefix"] + "latent_tokens", ours)
