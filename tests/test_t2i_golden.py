@@ -37,7 +37,8 @@ def _noise_source(run, arrays):
     def source(shape):
         if run["noise"] == "zeros":
             return np.zeros(shape, np.float32)
-        names = sorted(k for k in arrays if k.startswith(run["prefix"] + "noise_"))
+        names = sorted((k for k in arrays if k.startswith(run["prefix"] + "noise_")),
+                       key=lambda k: int(k.rsplit("_", 1)[1]))
         draws = np.stack([arrays[k] for k in names])
         assert draws.size == np.prod(shape), (draws.shape, shape)
         return draws.reshape(shape)
