@@ -381,11 +381,15 @@ def load_t2i(path: str, *, param_dtype=jnp.float32, dtype=jnp.float32, mesh=None
             raise checkpoint.CheckpointError(f"{path} holds a '{meta.get('kind')}' checkpoint, "
                                              f"expected '{KIND}'")
         config = T2IConfig.from_dict(meta["config"])
-        _, params = checkpoint.load_param_dir(path, KIND)
-        params = jax.tree.map(lambda x: np.asarray(x, param_dtype) if np.issubdtype(
-            np.asarray(x).dtype, np.floating) else x, params)
-        if mesh is not None:
-            params = place_params(params, config, mesh)
+        abstract = abstract_t2i_params(config, param_dtype)
+        if mesh is None:
+            shardings = jax.tree.map(lambda _: None, nn.unbox(abstract))
+        else:
+            shardings = param_shardings(abstract, mesh)
+        # Restore straight into the target dtype (and onto the mesh: no full host copy).
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              nn.unbox(abstract), shardings)
+        _, params = checkpoint.load_param_dir(path, KIND, target=target)
     else:
         config, params = read_released_folder(path, param_dtype=param_dtype, mesh=mesh)
         if mesh is not None:

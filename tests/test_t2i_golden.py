@@ -200,6 +200,18 @@ def test_port_then_load_matches_golden(tmp_path):
     a = golden.arrays("t2i_parts")
     golden.check("t2i_parts", "projector_out", ported.project(a["projector_in"]))
     _check_run(ported, golden.case("t2i_gen")["config"]["runs"][0])
+    import jax
+    from bitdance_jax.sharding import make_mesh
+    if len(jax.devices()) >= 8:  # restored straight onto a mesh, in bfloat16
+        mesh = make_mesh((1, 2, 4), devices=jax.devices()[:8])
+        on_mesh = t2i.load_t2i(dst, mesh=mesh, param_dtype=jnp.bfloat16)
+        gate = on_mesh.params["llm"]["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
+        assert gate.dtype == jnp.bfloat16
+        assert gate.sharding.shard_shape(gate.shape) == (gate.shape[0] // 2, gate.shape[1] // 4)
+        np.testing.assert_array_equal(
+            np.asarray(gate, np.float32),
+            np.asarray(ported.params["llm"]["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
+                       ).astype(jnp.bfloat16).astype(np.float32))
 
 
 def _sharded_copy(src, dst, num_shards=2):
