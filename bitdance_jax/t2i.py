@@ -313,7 +313,7 @@ def _check_released_folder(src: str):
 
 
 def read_released_config(src: str) -> T2IConfig:
-    """The T2I config of a released-layout folder (reads the JSON files and key shapes only)."""
+    """The T2I config of a released-layout folder (reads only its JSON files)."""
     _check_released_folder(src)
     llm_dict = porting.read_json(os.path.join(src, "config.json"), "LLM config")
     llm = qwen3.Qwen3Config.from_hf_dict(llm_dict)
@@ -416,7 +416,7 @@ def param_shardings(abstract, mesh):
 
 def abstract_t2i_params(config: T2IConfig, param_dtype=jnp.float32) -> dict:
     """Boxed param shapes of every part ({"llm", "head", "projector", "tokenizer"}), nothing
-    allocated (``jax.eval_shape``)."""
+    allocated (``jax.eval_shape``); ``param_dtype`` applies to all but the tokenizer."""
     from bitdance_jax.tokenizer_api import abstract_tokenizer_params
     return {
         "llm": _abstract_llm(config, param_dtype),
@@ -425,7 +425,8 @@ def abstract_t2i_params(config: T2IConfig, param_dtype=jnp.float32) -> dict:
         "projector": porting.abstract_params(
             Projector(config.llm.hidden_size, param_dtype=param_dtype),
             jax.ShapeDtypeStruct((1, 1, config.tokenizer.z_channels), jnp.float32)),
-        "tokenizer": abstract_tokenizer_params(config.tokenizer, param_dtype=param_dtype)}
+        # The tokenizer decoder stays float32 (small; it makes the final pixels).
+        "tokenizer": abstract_tokenizer_params(config.tokenizer)}
 
 
 def place_params(params, config: T2IConfig, mesh):
@@ -495,7 +496,7 @@ class T2IPipeline:
         self.head = DiffusionNet(config.head, dtype=dtype)
         self.projector = Projector(config.llm.hidden_size, dtype=dtype)
         self._decode = jax.jit(functools.partial(
-            BinaryAutoencoder(config.tokenizer, dtype=dtype).apply, method="decode"))
+            BinaryAutoencoder(config.tokenizer).apply, method="decode"))
         self.pos_table = position_table(config.llm.hidden_size, config.vae_patch_size)
 
     # -- pieces usable on their own (and checked against the reference one by one)
