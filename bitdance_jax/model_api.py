@@ -41,6 +41,26 @@ def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
     return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
 
 
+def weight_fields(sd: Mapping[str, Any]) -> dict[str, int]:
+    """The ``BitDanceConfig`` fields the weights show (all but n_head and the schedule)."""
+    dim = _shape(sd, "emb_norm.weight")[0]
+    classes, cls_width = _shape(sd, "cls_embedding.weight")
+    if cls_width % dim:
+        raise porting.PortingError(f"cls_embedding width {cls_width} is not a multiple of dim {dim}")
+    num_tokens = _shape(sd, "pos_for_diff.weight")[0]
+    grid = math.isqrt(num_tokens)
+    if grid * grid != num_tokens:
+        raise porting.PortingError(f"pos_for_diff has {num_tokens} rows: not a square latent grid")
+    parallel_num = _shape(sd, "query_token")[1] + 1 if "query_token" in sd else 1
+    head_sd = {k[len("head."):]: v for k, v in sd.items() if k.startswith(HEAD_PREFIX)}
+    head = infer_head_config(head_sd, "imagenet", prefix="net.", parallel_num=parallel_num)
+    return dict(dim=dim, n_layer=len({m.group(1) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))}),
+                diff_layers=head.depth_latent, diff_dim=head.ch_latent,
+                diff_adanln_layers=head.depth_adanln,
+                latent_dim=_shape(sd, "proj_in.w1.weight")[1], grid_size=grid,
+                cls_token_num=cls_width // dim, num_classes=classes - 1, parallel_num=parallel_num)
+
+
 def infer_config(sd: Mapping[str, Any], **overrides) -> BitDanceConfig:
     """Architecture of a class-conditional checkpoint from its keys and shapes.
 
@@ -49,28 +69,12 @@ def infer_config(sd: Mapping[str, Any], **overrides) -> BitDanceConfig:
     (``parallel_mode='patch'``, ``diff_batch_mul=4``, ``time_shift=1``, ``P_mean=-0.8``,
     ``P_std=0.8``).
     """
-    dim = _shape(sd, "emb_norm.weight")[0]
-    n_layer = len({m.group(1) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))})
-    classes, cls_width = _shape(sd, "cls_embedding.weight")
-    if cls_width % dim:
-        raise porting.PortingError(f"cls_embedding width {cls_width} is not a multiple of dim {dim}")
-    parallel_num = _shape(sd, "query_token")[1] + 1 if "query_token" in sd else 1
-    num_tokens = _shape(sd, "pos_for_diff.weight")[0]
-    grid = math.isqrt(num_tokens)
-    if grid * grid != num_tokens:
-        raise porting.PortingError(f"pos_for_diff has {num_tokens} rows: not a square latent grid")
     known = set(SCHEDULE_KEYS) | {"n_head"}
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown overrides {sorted(unknown)}; allowed: {sorted(known)}")
-    head_sd = {k[len("head."):]: v for k, v in sd.items() if k.startswith(HEAD_PREFIX)}
-    head = infer_head_config(head_sd, "imagenet", prefix="net.", parallel_num=parallel_num)
-    fields = dict(dim=dim, n_layer=n_layer, n_head=dim // 64 if dim >= 64 else 1,
-                  diff_layers=head.depth_latent, diff_dim=head.ch_latent,
-                  diff_adanln_layers=head.depth_adanln,
-                  latent_dim=_shape(sd, "proj_in.w1.weight")[1], grid_size=grid,
-                  cls_token_num=cls_width // dim, num_classes=classes - 1,
-                  parallel_num=parallel_num)
+    fields = weight_fields(sd)
+    fields["n_head"] = max(1, fields["dim"] // 64)
     fields.update(overrides)
     try:
         return BitDanceConfig(**fields)
@@ -120,12 +124,13 @@ def port_imagenet_checkpoint(src_pt: str, dst: str, use_ema: bool = True,
     sd = porting.tensors_to_numpy(ckpt[which])
     expected = _as_config(config)
     if expected is not None:
+        diff = {k: (getattr(expected, k), v) for k, v in weight_fields(sd).items()
+                if getattr(expected, k) != v}
+        if diff:
+            raise porting.PortingError(f"{src_pt} holds another architecture than the config "
+                                       f"says ((config, checkpoint) per field): {diff}")
         overrides = {**{k: getattr(expected, k) for k in SCHEDULE_KEYS + ("n_head",)}, **overrides}
     cfg = infer_config(sd, **overrides)
-    if expected is not None and cfg != expected:
-        diff = {k: (v, getattr(cfg, k)) for k, v in expected.to_dict().items() if getattr(cfg, k) != v}
-        raise porting.PortingError(f"{src_pt} holds another architecture than the config says "
-                                   f"(config vs checkpoint): {diff}")
     params = port_model_state_dict(sd, cfg)
 
     if tokenizer_pt is not None:
