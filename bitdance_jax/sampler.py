@@ -166,10 +166,10 @@ class Sampler:
             self._placed = (params, jax.device_put(params, NamedSharding(self.mesh, P())))
         return self._placed[1]
 
-    def sample(self, params, class_ids: Sequence[int], *, seed: int = 0, cfg_scale: float = 1.0,
-               num_sampling_steps: int = 100, sample_indices: Sequence[int] | None = None
-               ) -> np.ndarray:
-        """Binary latents [B, h, w, C] (NHWC, in {-1, +1})."""
+    def prepare(self, params, class_ids: Sequence[int], *, seed: int = 0, cfg_scale: float = 1.0,
+                num_sampling_steps: int = 100, sample_indices: Sequence[int] | None = None):
+        """Validated (jitted program, its arguments): ``program(*args)`` gives the latents of
+        the batch padded to a multiple of the data shards."""
         ids = self.check_inputs(class_ids, cfg_scale, num_sampling_steps)
         b = len(ids)
         idx = np.arange(b) if sample_indices is None else np.asarray(sample_indices)
@@ -179,13 +179,13 @@ class Sampler:
         ids = np.pad(ids, (0, padded - b))
         idx = np.pad(idx.astype(np.int32), (0, padded - b))
         program = self._program(padded, int(num_sampling_steps), cfg_scale > 1.0)
-        latents = program(self._replicated(params), ids, idx, np.int32(seed), np.float32(cfg_scale))
-        return np.asarray(latents)[:b]
+        return program, (self._replicated(params), ids, idx, np.int32(seed), np.float32(cfg_scale))
 
-    def compile(self, params, batch: int, num_sampling_steps: int, guided: bool):
-        """Ahead-of-time compile (for benchmarks); returns the compiled executable."""
-        padded = -(-batch // self.num_shards) * self.num_shards
-        program = self._program(padded, int(num_sampling_steps), guided)
-        args = (self._replicated(params), np.zeros(padded, np.int32), np.zeros(padded, np.int32),
-                np.int32(0), np.float32(1.0))
-        return program.lower(*args).compile()
+    def sample(self, params, class_ids: Sequence[int], *, seed: int = 0, cfg_scale: float = 1.0,
+               num_sampling_steps: int = 100, sample_indices: Sequence[int] | None = None
+               ) -> np.ndarray:
+        """Binary latents [B, h, w, C] (NHWC, in {-1, +1})."""
+        program, args = self.prepare(params, class_ids, seed=seed, cfg_scale=cfg_scale,
+                                     num_sampling_steps=num_sampling_steps,
+                                     sample_indices=sample_indices)
+        return np.asarray(program(*args))[:len(class_ids)]
