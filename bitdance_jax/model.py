@@ -300,7 +300,9 @@ class BitDanceBackbone(nn.Module):
     def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.cls_embedding = embed(cfg.num_classes + 1, cfg.cls_token_num * cfg.dim, **kw)
+        # 1001 rows do not split over a mesh axis: shard the (cls_token_num * dim) width
+        self.cls_embedding = embed(cfg.num_classes + 1, cfg.cls_token_num * cfg.dim,
+                                   axes=(None, "embed"), **kw)
         if cfg.parallel_num > 1:
             self.query_token = self.param(
                 "query_token", nn.with_logical_partitioning(nn.initializers.normal(0.02),

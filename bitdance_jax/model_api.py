@@ -235,6 +235,7 @@ def load_model(path: str, dtype=jnp.float32, mesh=None) -> BitDanceModel:
                                          f"class-conditional BitDance model ('{KIND}')")
     _, params = checkpoint.load_param_dir(path, KIND)
     config = BitDanceConfig.from_dict(meta["config"])
-    tokenizer = Tokenizer(TokenizerConfig(**meta["tokenizer"]), params["tokenizer"], dtype=dtype)
+    # the decoder stays in float32 whatever the transformer's compute dtype
+    tokenizer = Tokenizer(TokenizerConfig(**meta["tokenizer"]), params["tokenizer"])
     return BitDanceModel(config, params, tokenizer, default_cfg_scale=meta.get("default_cfg_scale", 1.0),
                          dtype=dtype, mesh=mesh)

@@ -101,3 +101,20 @@ def test_tokenizer_from_another_file(tmp_path):
     tok = load_tokenizer(dst)
     assert tok.config.z_channels == config.latent_dim
     assert tok.config == infer_tokenizer_config(porting.tensors_to_numpy(vae), num_codebooks=4)
+
+
+@pytest.mark.parametrize("name", ["BitDance-B-1x", "BitDance-H-16x"])
+def test_params_have_logical_axes_that_divide_on_a_mesh(name):
+    import jax
+    from bitdance_jax.sharding import logical_sharding, make_mesh
+    config = RELEASED_MODELS[name]
+    abstract = abstract_backbone_params(config)
+    leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    mesh = make_mesh((2, 2, 2))
+    shardings = jax.tree.leaves(logical_sharding(abstract, mesh))
+    assert len(shardings) == len(leaves)
+    for leaf, s in zip(leaves, shardings):
+        for size, axes in zip(leaf.value.shape, s.spec):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            assert size % math.prod(mesh.shape[a] for a in axes) == 0, (leaf.names, s.spec)
