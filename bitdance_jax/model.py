@@ -427,6 +427,11 @@ def flip_bits(rng, tokens, rate):
     return jnp.where(u1 < rate * u2, -tokens, tokens)
 
 
+def _is_zero(rate) -> bool:
+    """A rate known (untraced) to be zero: skip the random draws."""
+    return isinstance(rate, (int, float)) and rate == 0
+
+
 def bitdance_loss(params, latents, class_ids, rng=None, *, config: BitDanceConfig,
                   t_raw=None, noise=None, bit_flip_rate: float = 0.0, label_drop: float = 0.1,
                   dtype: Dtype = jnp.float32):
@@ -436,7 +441,8 @@ def bitdance_loss(params, latents, class_ids, rng=None, *, config: BitDanceConfi
     input latents get bit flips (``bit_flip_rate``) and labels are dropped to the null class
     with probability ``label_drop``; ``t_raw`` [B*h*w/P*diff_batch_mul] and ``noise`` (the
     tiled target's shape) default to draws from ``rng``. Without ``rng`` (evaluation) there
-    is no perturbation and ``t_raw``/``noise`` must be given.
+    is no perturbation and ``t_raw``/``noise`` must be given. The rates may be traced
+    (e.g. a schedule).
     """
     cfg = config
     if latents.ndim != 4 or latents.shape[1:] != (cfg.grid_size, cfg.grid_size, cfg.latent_dim):
@@ -448,9 +454,9 @@ def bitdance_loss(params, latents, class_ids, rng=None, *, config: BitDanceConfi
     inputs = target
     if rng is not None:
         k_flip, k_drop, k_t, k_noise = jax.random.split(rng, 4)
-        if bit_flip_rate > 0:
+        if not _is_zero(bit_flip_rate):
             inputs = flip_bits(k_flip, inputs, bit_flip_rate)
-        if label_drop > 0:
+        if not _is_zero(label_drop):
             drop = jax.random.uniform(k_drop, class_ids.shape) < label_drop
             class_ids = jnp.where(drop, cfg.num_classes, class_ids)
     backbone = BitDanceBackbone(cfg, dtype=dtype, param_dtype=jnp.float32)

@@ -19,16 +19,12 @@ AR_CASES = ["ar_parallel", "ar_parallel_standard", "ar_1x"]
 SCHEDULE = ("parallel_mode", "diff_batch_mul", "time_shift", "P_mean", "P_std")
 
 
-def weights_dir(case_name):
-    return golden.case(case_name)["weight_files"][0].split("/")[0]
-
-
 @functools.lru_cache(maxsize=None)
 def load_case(case_name):
     """(config, params {"model", "head"}, tokenizer) of a golden AR case (EMA weights)."""
     conf = golden.case(case_name)["config"]
     config = BitDanceConfig.from_reference_kwargs(conf["model_kwargs"])
-    ckpt = porting.load_torch_file(golden.path(weights_dir(case_name), "checkpoint.pt"))
+    ckpt = porting.load_torch_file(golden.path(golden.case(case_name)["weight_files"][0]))
     sd = porting.tensors_to_numpy(ckpt["ema"])
     overrides = {k: getattr(config, k) for k in SCHEDULE + ("n_head",)}
     assert infer_config(sd, **overrides) == config
@@ -109,3 +105,30 @@ def test_sampling_runs(case_name):
                                    config.grid_size)
         golden.check(case_name, f"{prefix}latent_tokens", np.moveaxis(grid, -1, 1))
         golden.check(case_name, f"{prefix}images", np.moveaxis(tokenizer.decode(grid), -1, 1))
+
+
+def test_training_perturbations():
+    """Label dropout sends rows to the null class; bit flips hit each sign with probability
+    uniform in [0, rate] (mean rate / 2); both only with an rng, and gradients flow."""
+    from bitdance_jax.model import flip_bits
+    case_name = "ar_parallel"
+    config, params, _ = load_case(case_name)
+    a = golden.arrays(case_name)
+    latents = golden.nchw_to_nhwc(a["latents"])
+    loss = jax.jit(functools.partial(bitdance_loss, config=config),
+                   static_argnames=("bit_flip_rate", "label_drop"))
+    rng = jax.random.key(4)
+    dropped = loss(params, latents, a["class_ids"], rng, label_drop=1.0)
+    null = loss(params, latents, np.full_like(a["class_ids"], config.num_classes), rng, label_drop=0.0)
+    kept = loss(params, latents, a["class_ids"], rng, label_drop=0.0)
+    np.testing.assert_allclose(dropped, null, rtol=1e-6)
+    assert abs(float(dropped) - float(kept)) > 1e-6
+    flipped = loss(params, latents, a["class_ids"], rng, bit_flip_rate=0.5, label_drop=0.0)
+    assert abs(float(flipped) - float(kept)) > 1e-6
+    signs = jnp.ones((200_000,))
+    frac = float(jnp.mean(flip_bits(jax.random.key(0), signs, 0.3) < 0))
+    assert abs(frac - 0.15) < 0.005
+    grads = jax.jit(jax.grad(lambda p: bitdance_loss(p, latents, a["class_ids"], rng, config=config,
+                                                     bit_flip_rate=0.1)))(params)
+    norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > len(norms) // 2
