@@ -618,10 +618,14 @@ def _finish(trainer: Trainer, state, source, workdir: str, summary: dict) -> dic
 
 
 def run_pipeline(config, workdir: str, *, mesh=None) -> dict:
-    """Stages in order, each in ``workdir/<name>``; a BitDance stage uses the tokenizer
-    exported by the stage named in its ``tokenizer_from_stage``."""
+    """Stages in order, each in ``workdir/<name>`` (each resumes on relaunch). A BitDance
+    stage with ``tokenizer_from_stage`` uses the tokenizer that stage exported. With
+    ``score_digits``, the final class-conditional samples are scored by a classifier fitted
+    on the real digits (``workdir/score.json``)."""
     results = {}
     for name in config.stages:
+        if name not in config:
+            raise ValueError(f"pipeline stage {name!r} has no config (config.{name})")
         stage = config[name]
         stage_dir = os.path.join(workdir, name)
         if stage.kind == "bitdance" and stage.get("tokenizer_from_stage"):
@@ -629,8 +633,15 @@ def run_pipeline(config, workdir: str, *, mesh=None) -> dict:
                 stage.tokenizer_dir = os.path.join(workdir, stage.tokenizer_from_stage, "export")
         log.info("pipeline stage %s (%s) in %s", name, stage.kind, stage_dir)
         results[name] = train(stage, stage_dir, mesh=mesh)
-    if config.get("score") and config.score.enabled:
-        from tools_score import score_stage  # noqa: F401  (resolved below)
+    if config.score_digits and jax.process_index() == 0:
+        from bitdance_jax.digits_score import score_samples
+        samples = os.path.splitext(results[config.stages[-1]]["samples"])[0] + ".npz"
+        with np.load(samples) as f:
+            results["score"] = score_samples(f["images"], f["labels"])
+        with open(os.path.join(workdir, "score.json"), "w") as f:
+            json.dump(results["score"], f, indent=2)
+        log.info("digits score (share of samples classified as their class): %.3f",
+                 results["score"]["score"])
     return results
 
 
