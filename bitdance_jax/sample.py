@@ -76,13 +76,16 @@ def sample_npz(model, out: str, num_samples: int, *, seed: int, cfg_scale: float
         if max_chunks is not None and done >= max_chunks:
             bar.close()
             return None
-        idx = np.arange(k * batch_size, min((k + 1) * batch_size, num_samples))
-        imgs = model.sample(labels[idx], seed=seed, cfg_scale=cfg_scale,
-                            num_sampling_steps=steps, sample_indices=idx)
+        # a short last chunk is padded to the batch size: one compiled program for all
+        idx = np.arange(k * batch_size, (k + 1) * batch_size)
+        count = min(batch_size, num_samples - k * batch_size)
+        imgs = model.sample(labels[np.minimum(idx, num_samples - 1)], seed=seed,
+                            cfg_scale=cfg_scale, num_sampling_steps=steps,
+                            sample_indices=idx)[:count]
         tmp = chunk_path(k) + ".tmp.npy"
         np.save(tmp, imgs)
         os.replace(tmp, chunk_path(k))
-        bar.update(len(idx))
+        bar.update(count)
     bar.close()
     arr = np.concatenate([np.load(chunk_path(k)) for k in range(num_chunks)])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
