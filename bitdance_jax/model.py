@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from bitdance_jax import flow, patching
+from bitdance_jax import flow, patching, porting
 from bitdance_jax.diffusion_head import DiffusionNet, HeadConfig
 from bitdance_jax.layers import RMSNorm, dense, embed, swiglu
 
@@ -389,7 +389,6 @@ def example_inputs(config: BitDanceConfig, batch: int = 1):
 
 def abstract_backbone_params(config: BitDanceConfig, param_dtype: Dtype = jnp.float32):
     """Boxed abstract params of ``BitDanceBackbone(config)`` (no allocation)."""
-    from bitdance_jax import porting
     return porting.abstract_params(BitDanceBackbone(config, param_dtype=param_dtype),
                                    *example_inputs(config))
 

@@ -6,6 +6,7 @@ tokens per AR step) and a tiny one for CPU smoke runs, with the reference's guid
 """
 from bitdance_jax.model import DEFAULT_CFG_SCALES, RELEASED_MODELS, BitDanceConfig
 
+# A few-seconds-on-CPU model: the tiny golden architecture (4x4 grid, 4 tokens per step).
 TINY = BitDanceConfig(dim=64, n_layer=2, n_head=4, diff_layers=2, diff_dim=64, diff_adanln_layers=2,
                       latent_dim=16, grid_size=4, cls_token_num=4, num_classes=10, parallel_num=4,
                       diff_batch_mul=2)

@@ -4,6 +4,7 @@ architecture is inferred from a checkpoint; porting rejects other architectures.
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 from flax import linen as nn
@@ -28,7 +29,7 @@ def test_every_released_size_is_covered():
 
 
 def _count(tree) -> int:
-    return sum(math.prod(x.shape) for x in __import__("jax").tree.leaves(nn.unbox(tree)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(tree)))
 
 
 @pytest.mark.parametrize("name", CLASS_MODELS)
@@ -105,7 +106,6 @@ def test_tokenizer_from_another_file(tmp_path):
 
 @pytest.mark.parametrize("name", ["BitDance-B-1x", "BitDance-H-16x"])
 def test_params_have_logical_axes_that_divide_on_a_mesh(name):
-    import jax
     from bitdance_jax.sharding import logical_sharding, make_mesh
     config = RELEASED_MODELS[name]
     abstract = abstract_backbone_params(config)

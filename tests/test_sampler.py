@@ -129,3 +129,14 @@ def test_bad_input(ported):
                        diff_adanln_layers=1, latent_dim=8, grid_size=4, parallel_num=8)
     with pytest.raises(ValueError, match="square"):
         patching.patch_side(3)
+
+
+def test_bfloat16_compute(ported):
+    """bf16 activations / KV cache over fp32 params: valid binary latents and images."""
+    dst, config = ported
+    model = load_model(dst, dtype=jnp.bfloat16)
+    latents = model.sample_latents([0, 3], seed=1, cfg_scale=2.0, num_sampling_steps=STEPS)
+    assert latents.shape == (2, config.grid_size, config.grid_size, config.latent_dim)
+    assert set(np.unique(latents)) <= {-1.0, 1.0}
+    assert jax.tree.leaves(model.params)[0].dtype == np.float32
+    assert model.decode(latents).dtype == np.uint8

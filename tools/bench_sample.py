@@ -26,13 +26,10 @@ from flax import linen as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bitdance_jax.diffusion_head import abstract_head_params  # noqa: E402
-from bitdance_jax.model import RELEASED_MODELS, BitDanceConfig, abstract_backbone_params  # noqa: E402
+from bitdance_jax.model import BitDanceConfig, abstract_backbone_params  # noqa: E402
 from bitdance_jax.model_api import load_model  # noqa: E402
 from bitdance_jax.sampler import Sampler  # noqa: E402
-
-# A few-second-on-CPU model: the tiny golden architecture (4x4 grid, 4 tokens per step).
-TINY = BitDanceConfig(dim=64, n_layer=2, n_head=4, diff_layers=2, diff_dim=64, diff_adanln_layers=2,
-                      latent_dim=16, grid_size=4, cls_token_num=4, num_classes=10, parallel_num=4)
+from configs.bitdance_models import MODELS  # noqa: E402
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -50,7 +47,7 @@ def random_params(config: BitDanceConfig, seed: int = 0) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny", help=f"tiny or one of {sorted(RELEASED_MODELS)}")
+    ap.add_argument("--model", default="tiny", help=f"one of {sorted(MODELS)}")
     ap.add_argument("--ckpt", help="a ported model directory (overrides --model)")
     ap.add_argument("--batch", type=int, default=8, help="images per call (global)")
     ap.add_argument("--steps", type=int, default=100, help="head Euler-Maruyama steps per AR step")
@@ -67,9 +64,9 @@ def main(argv=None) -> int:
         config, params, sampler = model.config, model.params, model.sampler
         name = args.ckpt
     else:
-        if args.model != "tiny" and args.model not in RELEASED_MODELS:
-            raise SystemExit(f"unknown --model {args.model!r}")
-        config = TINY if args.model == "tiny" else RELEASED_MODELS[args.model]
+        if args.model not in MODELS:
+            raise SystemExit(f"unknown --model {args.model!r}; choose from {sorted(MODELS)}")
+        config = MODELS[args.model]
         params, sampler, name = random_params(config), Sampler(config, dtype=dtype), args.model
     class_ids = np.arange(args.batch) % config.num_classes
     program, call_args = sampler.prepare(params, class_ids, cfg_scale=args.cfg_scale,
