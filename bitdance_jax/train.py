@@ -38,7 +38,7 @@ from bitdance_jax.tokenizer import BinaryAutoencoder, TokenizerConfig, quantizer
 
 log = logging.getLogger("bitdance_jax.train")
 
-KINDS = ("tokenizer", "bitdance", "pipeline")
+KINDS = ("tokenizer", "bitdance", "t2i", "pipeline")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Dense peak FLOP/s per chip (bf16) by jax device_kind prefix, for the MFU estimate.
@@ -242,6 +242,9 @@ def make_task(config, workdir: str | None = None):
     if config.kind == "bitdance":
         from bitdance_jax.train_bitdance import BitDanceTask
         return BitDanceTask(config, workdir)
+    if config.kind == "t2i":
+        from bitdance_jax.train_t2i import T2ITask
+        return T2ITask(config, workdir)
     raise ValueError(f"unknown config.kind {config.kind!r}; use one of {KINDS}")
 
 
@@ -508,8 +511,9 @@ def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-    dataset = data_lib.make_train_dataset(source, config.data, global_batch=trainer.global_batch,
-                                          num_steps=num_steps, seed=config.seed)
+    make_dataset = getattr(trainer.task, "train_dataset", data_lib.make_train_dataset)
+    dataset = make_dataset(source, config.data, global_batch=trainer.global_batch,
+                           num_steps=num_steps, seed=config.seed)
     data_iter = iter(dataset)
     mngr = make_checkpoint_manager(workdir, config)
     latest = mngr.latest_step()
