@@ -150,14 +150,15 @@ class BitDanceConfig:
 
 # Released ImageNet architectures (reference model.py / model_parallel.py presets + the
 # flags of its README: 256px, 16x down, 32-bit latents, 64 class tokens, patch order).
-_SIZES = {"B": dict(dim=768, n_layer=24, n_head=12, diff_layers=6, diff_dim=768, diff_adanln_layers=2),
-          "L": dict(dim=1024, n_layer=32, n_head=16, diff_layers=8, diff_dim=1024, diff_adanln_layers=2),
-          "H": dict(dim=1280, n_layer=40, n_head=20, diff_layers=12, diff_dim=1280, diff_adanln_layers=3)}
+MODEL_SIZES = {
+    "B": dict(dim=768, n_layer=24, n_head=12, diff_layers=6, diff_dim=768, diff_adanln_layers=2),
+    "L": dict(dim=1024, n_layer=32, n_head=16, diff_layers=8, diff_dim=1024, diff_adanln_layers=2),
+    "H": dict(dim=1280, n_layer=40, n_head=20, diff_layers=12, diff_dim=1280, diff_adanln_layers=3)}
 RELEASED_MODELS: dict[str, BitDanceConfig] = {
     f"BitDance-{size}-{p}x": BitDanceConfig(**dims, latent_dim=32, grid_size=16, cls_token_num=64,
                                             num_classes=1000, parallel_num=p, parallel_mode="patch",
                                             diff_batch_mul=4)
-    for size, dims in _SIZES.items() for p in (1, 4, 16)}
+    for size, dims in MODEL_SIZES.items() for p in (1, 4, 16)}
 # Classifier-free guidance of the reference README per released model.
 DEFAULT_CFG_SCALES = {"BitDance-B-1x": 3.2, "BitDance-B-4x": 3.9, "BitDance-B-16x": 6.1,
                       "BitDance-L-1x": 4.0, "BitDance-H-1x": 4.55}

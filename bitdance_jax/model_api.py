@@ -19,8 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bitdance_jax import checkpoint, porting, sampler, sharding
 from bitdance_jax.diffusion_head import infer_head_config, port_head_state_dict
-from bitdance_jax.model import (DEFAULT_CFG_SCALES, RELEASED_MODELS, BitDanceConfig,
-                                abstract_backbone_params, released_name)
+from bitdance_jax.model import (DEFAULT_CFG_SCALES, MODEL_SIZES, RELEASED_MODELS,
+                                BitDanceConfig, abstract_backbone_params, released_name)
 from bitdance_jax.tokenizer import TokenizerConfig
 from bitdance_jax.tokenizer_api import (Tokenizer, infer_tokenizer_config,
                                         port_tokenizer_state_dict)
@@ -82,6 +82,18 @@ def infer_config(sd: Mapping[str, Any], **overrides) -> BitDanceConfig:
         raise porting.PortingError(f"checkpoint gives an invalid architecture: {e}") from e
 
 
+def settings_from_args(args) -> dict[str, Any]:
+    """Head count and schedule values from the ``args`` (argparse.Namespace) a reference
+    training checkpoint may carry: ``--model BitDance-B|L|H`` fixes n_head."""
+    if args is None:
+        return {}
+    found = {k: getattr(args, k) for k in SCHEDULE_KEYS if hasattr(args, k)}
+    size = str(getattr(args, "model", "")).removeprefix("BitDance-")
+    if size in MODEL_SIZES:
+        found["n_head"] = MODEL_SIZES[size]["n_head"]
+    return found
+
+
 def port_model_state_dict(sd: Mapping[str, Any], config: BitDanceConfig) -> dict:
     """Strictly port backbone and head (``vae.*`` keys are left to the tokenizer)."""
     sd = {k: np.asarray(v) for k, v in sd.items()}
@@ -107,7 +119,8 @@ def port_imagenet_checkpoint(src_pt: str, dst: str, use_ema: bool = True,
                              overwrite: bool = False, **overrides) -> str:
     """Port a reference ImageNet checkpoint ``{"model", "ema"}`` into a self-describing dir.
 
-    The architecture is inferred from the weights (``overrides``: see ``infer_config``);
+    The architecture is inferred from the weights, with head count and schedule from the
+    file's ``args`` when present (``overrides`` win; see ``infer_config``);
     ``config`` (a ``BitDanceConfig``, its dict or a released name such as
     ``"BitDance-B-4x"``) states what the file must be and fails on any other architecture.
     The tokenizer comes from ``tokenizer_pt`` (``ae_d16c32.pt``) when given, as the
@@ -122,6 +135,7 @@ def port_imagenet_checkpoint(src_pt: str, dst: str, use_ema: bool = True,
         raise porting.PortingError(f"{src_pt} has no {which!r} weights (try "
                                    f"{'--no-ema' if use_ema else 'the EMA weights'})")
     sd = porting.tensors_to_numpy(ckpt[which])
+    overrides = {**settings_from_args(ckpt.get("args")), **overrides}
     expected = _as_config(config)
     if expected is not None:
         diff = {k: (getattr(expected, k), v) for k, v in weight_fields(sd).items()

@@ -11,6 +11,7 @@ with the right shape; the error names every offending key.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -116,13 +117,17 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_params, *,
 
 
 def load_torch_file(path: str) -> dict[str, Any]:
-    """``torch.load`` with ``weights_only=True`` (never runs pickled code)."""
+    """``torch.load`` with ``weights_only=True`` (never runs pickled code).
+
+    ``argparse.Namespace`` (the ``args`` of the reference's training checkpoints, plain
+    attributes) is allowed."""
     try:
         import torch
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError("reading .pt files needs torch: pip install 'bitdance-jax[torch]'") from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise PortingError(f"cannot read {path} as a PyTorch checkpoint "
                            f"(truncated or not a weights-only file): {e}") from e

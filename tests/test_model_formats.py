@@ -118,3 +118,24 @@ def test_params_have_logical_axes_that_divide_on_a_mesh(name):
         for size, axes in zip(leaf.value.shape, s.spec):
             axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
             assert size % math.prod(mesh.shape[a] for a in axes) == 0, (leaf.names, s.spec)
+
+
+def test_training_checkpoint_args_give_the_schedule(tmp_path):
+    """A training checkpoint with argparse ``args`` (and optimizer state) loads; its schedule
+    values are used, explicit overrides still win."""
+    import argparse
+    import torch
+    from bitdance_jax.checkpoint import read_meta
+    ckpt = porting.load_torch_file(golden.path(golden.case("ar_parallel")["weight_files"][0]))
+    args = argparse.Namespace(model="BitDance-B", parallel_mode="standard", diff_batch_mul=3,
+                              P_mean=-0.5, P_std=1.0, time_shift=2.0, lr=1e-4)
+    src = str(tmp_path / "train.pt")
+    torch.save({"model": ckpt["model"], "ema": ckpt["ema"], "args": args, "epochs": 7,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95)}]}},
+               src)
+    dst = port_imagenet_checkpoint(src, str(tmp_path / "out"), n_head=4)   # B's 12 heads: no
+    config = BitDanceConfig.from_dict(read_meta(dst)["config"])
+    assert (config.parallel_mode, config.diff_batch_mul, config.P_mean, config.P_std,
+            config.time_shift, config.n_head) == ("standard", 3, -0.5, 1.0, 2.0, 4)
+    with pytest.raises(porting.PortingError, match="invalid architecture"):
+        port_imagenet_checkpoint(src, str(tmp_path / "out2"))
