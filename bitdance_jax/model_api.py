@@ -116,7 +116,8 @@ def _as_config(config) -> BitDanceConfig | None:
 
 def port_imagenet_checkpoint(src_pt: str, dst: str, use_ema: bool = True,
                              tokenizer_pt: str | None = None, *, config=None,
-                             overwrite: bool = False, **overrides) -> str:
+                             overwrite: bool = False, loaded: Mapping | None = None,
+                             **overrides) -> str:
     """Port a reference ImageNet checkpoint ``{"model", "ema"}`` into a self-describing dir.
 
     The architecture is inferred from the weights, with head count and schedule from the
@@ -124,10 +125,11 @@ def port_imagenet_checkpoint(src_pt: str, dst: str, use_ema: bool = True,
     ``config`` (a ``BitDanceConfig``, its dict or a released name such as
     ``"BitDance-B-4x"``) states what the file must be and fails on any other architecture.
     The tokenizer comes from ``tokenizer_pt`` (``ae_d16c32.pt``) when given, as the
-    reference's sampler does, else from the file's ``vae.*`` keys.
+    reference's sampler does, else from the file's ``vae.*`` keys. ``loaded``: the file's
+    content when the caller has already read it (saves a second read of a large file).
     """
-    ckpt = porting.load_torch_file(src_pt)
-    if not isinstance(ckpt, Mapping) or "model" not in ckpt:
+    ckpt = porting.load_torch_file(src_pt) if loaded is None else loaded
+    if not isinstance(ckpt, Mapping) or not ({"model", "ema"} & set(ckpt)):
         raise porting.PortingError(f"{src_pt} is not a class-conditional BitDance training "
                                    "checkpoint ({'model', 'ema'} dict)")
     which = "ema" if use_ema else "model"
