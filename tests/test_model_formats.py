@@ -139,3 +139,18 @@ def test_training_checkpoint_args_give_the_schedule(tmp_path):
             config.time_shift, config.n_head) == ("standard", 3, -0.5, 1.0, 2.0, 4)
     with pytest.raises(porting.PortingError, match="invalid architecture"):
         port_imagenet_checkpoint(src, str(tmp_path / "out2"))
+
+
+def test_raw_weights_instead_of_ema(tmp_path):
+    from bitdance_jax.checkpoint import load_param_dir
+    src = golden.path(golden.case("ar_parallel")["weight_files"][0])
+    ckpt = porting.tensors_to_numpy(porting.load_torch_file(src)["model"])
+    ema = porting.tensors_to_numpy(porting.load_torch_file(src)["ema"])
+    assert not np.array_equal(ckpt["norm.weight"], ema["norm.weight"])
+    for use_ema, sd in [(False, ckpt), (True, ema)]:
+        dst = port_imagenet_checkpoint(src, str(tmp_path / str(use_ema)), use_ema=use_ema, n_head=4)
+        meta, params = load_param_dir(dst)
+        assert meta["weights"] == ("ema" if use_ema else "model")
+        np.testing.assert_array_equal(params["model"]["norm"]["scale"], sd["norm.weight"])
+        np.testing.assert_array_equal(params["head"]["final_layer"]["linear"]["kernel"],
+                                      sd["head.net.final_layer.linear.weight"].T)
