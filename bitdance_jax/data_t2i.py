@@ -414,6 +414,26 @@ class PackedRows:
         return out
 
 
+class ImageSamples:
+    """Per-sample input read from the source: ``{"image": uint8 [H, W, 3]}``."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __call__(self, record: int, bucket: int) -> dict:
+        return {"image": np.asarray(self.source[record]["image"], np.uint8)}
+
+
+class LatentSamples:
+    """Per-sample input from a latent cache: ``{"latents": int8 [max_blocks * P, z]}``."""
+
+    def __init__(self, latents: np.ndarray):
+        self.latents = latents
+
+    def __call__(self, record: int, bucket: int) -> dict:
+        return {"latents": np.asarray(self.latents[record])}
+
+
 class _LocalRows:
     """Grain view: local example ``i`` of this process for ``num_steps`` steps."""
 

@@ -238,11 +238,8 @@ class T2ITask:
     # -- data ------------------------------------------------------------------------------
     def train_source(self):
         bucket_of = data_t2i.assign_buckets(self.source, self.buckets)
-        if self.from_images:
-            load = lambda r, b: {"image": np.asarray(self.source[r]["image"], np.uint8)}
-        else:
-            cache = self._latent_cache(bucket_of)
-            load = lambda r, b: {"latents": cache[r]}
+        load = (data_t2i.ImageSamples(self.source) if self.from_images
+                else data_t2i.LatentSamples(self._latent_cache(bucket_of)))
         return data_t2i.PackedRows(
             self.source, self.captions, bucket_of, self.grids, self.sample_tokenizer, self.spec,
             self.model_config.patch_side, seed=self.config.seed, load_sample=load)

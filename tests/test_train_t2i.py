@@ -1,0 +1,290 @@
+"""Text-to-image training: packed masks, segment isolation and caption dropout of the loss,
+training on captioned digits (loss goes down, exact resume), export -> T2IPipeline, bad input.
+
+Everything uses a random tiny binary tokenizer (2x down, 8 bits) on 8x8 digits, a 1-layer
+Qwen3 and a word-level text tokenizer built here, so the file stays fast on 2 CPU cores.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from PIL import Image
+
+from bitdance_jax import data_t2i, sharding, t2i, train
+from bitdance_jax.tokenizer import BinaryAutoencoder, TokenizerConfig
+from bitdance_jax.tokenizer_api import save_tokenizer
+from bitdance_jax.train_t2i import (T2IModel, T2ITask, apply_caption_drop, packed_attention_mask,
+                                    t2i_base_config)
+
+CAPTIONS = [data_t2i.digit_caption(d) for d in range(10)] + [
+    "a handwritten digit seven drawn with a thick black pen on white paper"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The training runs compile the same step: share it through the persistent cache."""
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(keys[1], 0.0)
+    jax.config.update(keys[2], 0)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    cfg = TokenizerConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=8, num_codebooks=2)
+    params = BinaryAutoencoder(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)),
+                                         None)["params"]
+    return save_tokenizer(str(tmp_path_factory.mktemp("tok")), cfg,
+                          jax.device_get(nn.unbox(params)), overwrite=True)
+
+
+def tiny_config(tokenizer_dir, **kw):
+    c = t2i_base_config()
+    c.tokenizer_dir = tokenizer_dir
+    c.llm.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32))
+    c.head.update(dict(ch_latent=128, depth_latent=1, depth_adanln=1, parallel_num=4,
+                       diff_batch_mul=2))
+    c.data.image_size = 8
+    c.data.buckets = ((8, 8),)
+    c.data.max_samples_per_row = 3
+    c.data.num_threads = 1
+    c.global_batch_size = 2
+    c.num_steps = 8
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 1
+    c.optim.decay_start = 6
+    c.optim.ema_decay = 0.5
+    c.log_every = 4
+    c.checkpoint.every_steps = 4
+    for k, v in kw.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def one_device_mesh():
+    return sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+# ---------------------------------------------------------------------------------------
+# Packing and masks.
+
+@pytest.fixture(scope="module")
+def text_tokenizer(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("text") / "tokenizer.json")
+    data_t2i.build_word_tokenizer(path, CAPTIONS, max_latent_side=8, parallel_num=4)
+    return t2i.TextTokenizer(path)
+
+
+def sample_texts(text_tokenizer, grids):
+    tok = data_t2i.SampleTokenizer(text_tokenizer, 4)
+    return [tok(CAPTIONS[k], *g) for k, g in zip((7, 10, 3), grids)]
+
+
+GRIDS = [(4, 4), (2, 4), (4, 2)]  # latent grids of 4, 2 and 2 blocks of 2x2
+
+
+def brute_force_mask(texts, grids, seq_len, parallel_num, dropped=()):
+    """[L, L] straight from the rules: causal over each caption, bidirectional inside each
+    block of P image positions, causal between blocks, nothing across samples or into
+    padding or into a dropped caption."""
+    kinds = []  # per position: (sample, "text", index) or (sample, "block", index)
+    hidden = set()
+    for j, (text, (h, w)) in enumerate(zip(texts, grids)):
+        for i in range(len(text.text_ids)):
+            if j in dropped and i < text.caption_len:
+                hidden.add(len(kinds))
+            kinds.append((j, "text", i))
+        for m in range(h * w // parallel_num):
+            kinds += [(j, "block", m)] * parallel_num
+    mask = np.zeros((seq_len, seq_len), bool)
+    for q, (jq, kq, iq) in enumerate(kinds):
+        for k, (jk, kk, ik) in enumerate(kinds):
+            if jq != jk or k in hidden:
+                continue
+            if kq == "text" and kk == "text":
+                mask[q, k] = ik <= iq
+            elif kq == "block" and kk == "text":
+                mask[q, k] = True
+            elif kq == "block" and kk == "block":
+                mask[q, k] = ik <= iq
+    return mask
+
+
+def test_packed_mask_matches_brute_force(text_tokenizer):
+    texts = sample_texts(text_tokenizer, GRIDS)
+    spec = data_t2i.RowSpec(seq_len=sum(len(t.text_ids) for t in texts) + 4 * 8 + 5,
+                            max_samples=4, max_blocks=4, parallel_num=4)
+    row = data_t2i.pack_row(texts, GRIDS, spec, patch_side=2)
+    batch = {k: jnp.asarray(v)[None] for k, v in row.items()}
+    ours = packed_attention_mask(batch["segment_ids"], batch["block_ids"])[0]
+    np.testing.assert_array_equal(np.asarray(ours), brute_force_mask(texts, GRIDS, spec.seq_len, 4))
+    dropped = jnp.asarray([[False, True, False, False]])
+    _, visible, _ = apply_caption_drop(batch, dropped)
+    ours = packed_attention_mask(batch["segment_ids"], batch["block_ids"], visible)[0]
+    np.testing.assert_array_equal(np.asarray(ours), brute_force_mask(texts, GRIDS, spec.seq_len,
+                                                                     4, dropped={1}))
+    # Fed-back image tokens: block m+1 of each sample holds the latents of image block m.
+    start = len(texts[0].text_ids)
+    np.testing.assert_array_equal(row["image_feed"][start:start + 4], -1)
+    np.testing.assert_array_equal(row["image_feed"][start + 4:start + 16], np.arange(12))
+    np.testing.assert_array_equal(row["cond_start"][0], start + 4 * np.arange(4))
+
+
+def test_packed_loss_equals_separate_samples(text_tokenizer, tokenizer_dir):
+    """Each sample of a packed row gets exactly the losses it gets alone, and a dropped
+    caption gives exactly the losses of the unconditional prompt."""
+    from bitdance_jax.tokenizer_api import load_tokenizer
+    tok_cfg = load_tokenizer(tokenizer_dir).config
+    cfg = t2i.T2IConfig(
+        llm=t2i.qwen3.Qwen3Config(vocab_size=text_tokenizer._tok.get_vocab_size(), hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=32),
+        head_kwargs=dict(ch_target=tok_cfg.z_channels, ch_cond=64, ch_latent=128, depth_latent=1,
+                         depth_adanln=1, parallel_num=4, P_mean=-0.8, P_std=0.8),
+        tokenizer=tok_cfg)
+    model = T2IModel(cfg)
+    params = nn.unbox(model.init(jax.random.PRNGKey(1)))
+    texts = sample_texts(text_tokenizer, GRIDS)
+    S, N, P, z, mul = 3, 4, 4, tok_cfg.z_channels, 2
+    spec = data_t2i.RowSpec(seq_len=sum(len(t.text_ids) for t in texts) + P * 8, max_samples=S,
+                            max_blocks=N, parallel_num=P)
+    keys = jax.random.split(jax.random.PRNGKey(2), 3)
+    tokens = jnp.sign(jax.random.normal(keys[0], (1, S, N * P, z)))
+    t_raw = jax.random.normal(keys[1], (mul, 1, S, N))
+    noise = jax.random.normal(keys[2], (mul, 1, S, N, P, z))
+    dropped = jnp.asarray([[False, True, False]])
+    losses = jax.jit(model.losses)
+
+    def run(samples, grids, slot_tokens, slot_t, slot_noise, slot_dropped):
+        row = data_t2i.pack_row(samples, grids, spec, patch_side=2)
+        batch = {k: jnp.asarray(v)[None] for k, v in row.items()}
+        pad = S - len(samples)
+        vision, ce, weights = losses(
+            params, jnp.pad(slot_tokens, ((0, 0), (0, pad), (0, 0), (0, 0))), batch,
+            jnp.pad(slot_t, ((0, 0), (0, 0), (0, pad), (0, 0))),
+            jnp.pad(slot_noise, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * 3),
+            dropped=jnp.pad(slot_dropped, ((0, 0), (0, pad))))
+        seg = row["segment_ids"]
+        text = [float(jnp.sum((ce * weights)[0] * (seg == j + 1))) for j in range(len(samples))]
+        return np.asarray(vision * row["block_valid"][None, None]), np.asarray(text), \
+            [float(jnp.sum(weights[0] * (seg == j + 1))) for j in range(len(samples))]
+
+    packed_vision, packed_text, packed_count = run(texts, GRIDS, tokens, t_raw, noise, dropped)
+    uncond_ids = tuple(text_tokenizer.encode(t2i.UNCOND_PROMPT))
+    for j, (text, grid) in enumerate(zip(texts, GRIDS)):
+        if bool(dropped[0, j]):
+            text = data_t2i.SampleText(uncond_ids + text.text_ids[-2:], text.block0_ids, 0)
+        vision, ce, count = run([text], [grid], tokens[:, j:j + 1], t_raw[:, :, j:j + 1],
+                                noise[:, :, j:j + 1], jnp.zeros((1, 1), bool))
+        np.testing.assert_allclose(packed_vision[:, :, j], vision[:, :, 0], rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(packed_text[j], ce[0], rtol=2e-5, atol=1e-6)
+        assert packed_count[j] == count[0] == len(text.text_ids)
+        assert np.all(vision[:, :, 0, :grid[0] * grid[1] // P] > 0)
+
+
+# ---------------------------------------------------------------------------------------
+# Training through the trainer.
+
+def fixed_batch_loss(trainer, params, batch):
+    return float(jax.jit(trainer.task.loss)(params, trainer.frozen, batch,
+                                            jax.random.PRNGKey(7))[0])
+
+
+def test_training_lowers_loss_resumes_and_exports(tokenizer_dir, tmp_path):
+    config = tiny_config(tokenizer_dir)
+    mesh = one_device_mesh()
+    straight = train.train(config, str(tmp_path / "straight"), mesh=mesh)
+    assert straight["step"] == config.num_steps
+    # Stop halfway, relaunch: the same final params as the uninterrupted run.
+    resumed_dir = str(tmp_path / "resumed")
+    first = train.train(config, resumed_dir, mesh=mesh, stop_after=4)
+    assert first["stopped"] and first["step"] == 4
+    resumed = train.train(config, resumed_dir, mesh=mesh)
+    assert resumed["start_step"] == 4 and resumed["step"] == config.num_steps
+
+    trainer = train.Trainer(config, str(tmp_path / "straight"), mesh).build(config.num_steps)
+    rows = trainer.task.train_source()
+    dataset = trainer.task.train_dataset(rows, config.data, global_batch=trainer.global_batch,
+                                         num_steps=config.num_steps, seed=config.seed)
+    batch = jax.tree.map(jnp.asarray, next(iter(dataset)))
+    assert batch["image"].shape[:2] == (2, 3)
+    init = nn.unbox(trainer.task.init(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1 << 20)))
+    mngr = train.make_checkpoint_manager(str(tmp_path / "straight"), config)
+    final, _ = train.restore_checkpoint(mngr, trainer, config.num_steps)
+    mngr_r = train.make_checkpoint_manager(resumed_dir, config)
+    final_r, _ = train.restore_checkpoint(mngr_r, trainer, config.num_steps)
+    jax.tree.map(np.testing.assert_array_equal, final["params"], final_r["params"])
+    before = fixed_batch_loss(trainer, init, batch)
+    after = fixed_batch_loss(trainer, final["params"], batch)
+    print(f"fixed-batch loss: {before:.4f} at init -> {after:.4f} after {config.num_steps} steps")
+    assert after < 0.8 * before
+
+    pipe = t2i.load_t2i(straight["export"])
+    images = pipe.generate("a handwritten digit seven", 8, 8, num_sampling_steps=2,
+                           guidance_scale=2.0, num_images=2, seed=0)
+    assert [im.size for im in images] == [(8, 8), (8, 8)]
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input.
+
+def write_folder(root, sizes, captions):
+    os.makedirs(root, exist_ok=True)
+    for name, (h, w) in sizes.items():
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(os.path.join(root, name))
+    path = os.path.join(root, "captions.jsonl")
+    with open(path, "w") as f:
+        for name, caption in captions.items():
+            f.write(json.dumps({"file": name, "caption": caption}) + "\n")
+    return path
+
+
+def test_folder_source_and_bad_input(tokenizer_dir, tmp_path):
+    root = str(tmp_path / "images")
+    captions = write_folder(root, {"a.png": (8, 8), "b.png": (8, 16)},
+                            {"a.png": "a red cube", "b.png": "a blue ball"})
+    source = data_t2i.CaptionFolderSource(root, captions)
+    assert [source[i]["caption"] for i in range(2)] == ["a red cube", "a blue ball"]
+    np.testing.assert_array_equal(data_t2i.assign_buckets(source, [(8, 16), (8, 8)]), [1, 0])
+    with pytest.raises(ValueError, match=r"b.png is 8x16 .*in no resolution bucket"):
+        data_t2i.assign_buckets(source, [(8, 8)])
+    config = tiny_config(tokenizer_dir, **{"data.source": "folder", "data.path": root,
+                                           "data.captions_file": captions})
+    with pytest.raises(ValueError, match="in no resolution bucket"):
+        T2ITask(config, str(tmp_path / "wd")).train_source()
+
+    # An image without a caption line, and a caption line naming no image.
+    with open(captions, "w") as f:
+        f.write(json.dumps({"file": "a.png", "caption": "a red cube"}) + "\n")
+    with pytest.raises(ValueError, match=r"have no entry in .*b.png"):
+        data_t2i.CaptionFolderSource(root, captions)
+    with open(captions, "a") as f:
+        f.write(json.dumps({"file": "b.png", "caption": "x"}) + "\n")
+        f.write(json.dumps({"file": "c.png", "caption": "y"}) + "\n")
+    with pytest.raises(ValueError, match=r"names 1 file\(s\) not in .*c.png"):
+        data_t2i.CaptionFolderSource(root, captions)
+    with open(captions, "w") as f:
+        f.write('{"file": "a.png"}\n')
+    with pytest.raises(ValueError, match=r"captions.jsonl:1: expected a JSON object"):
+        data_t2i.CaptionFolderSource(root, captions)
+
+    # Buckets of two image shapes need the latent cache (one compiled step).
+    with pytest.raises(ValueError, match="cache_latents"):
+        T2ITask(tiny_config(tokenizer_dir, **{"data.buckets": ((8, 8), (8, 16))}),
+                str(tmp_path / "wd2"))
+    with pytest.raises(ValueError, match="tokenizer_dir"):
+        T2ITask(tiny_config(""), str(tmp_path / "wd3"))
