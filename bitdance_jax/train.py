@@ -306,7 +306,8 @@ class Trainer:
             "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
             "ok": jax.ShapeDtypeStruct((), jnp.bool_),
             "params": abstract_params, "ema": abstract_params, "opt_state": abstract_opt}
-        self.frozen = self.task.frozen()
+        # Frozen inputs of the step (the tokenizer encoding images): replicated on the mesh.
+        self.frozen = jax.tree.map(lambda x: jax.device_put(np.asarray(x), rep), self.task.frozen())
         self.frozen_shardings = jax.tree.map(lambda _: rep, self.frozen)
         self._step_fn = None
         return self
@@ -571,9 +572,11 @@ def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
                 if step % config.log_every == 0 or step == num_steps:
                     summary["metrics"] = logger.flush(step)
                 save_checkpoint(mngr, step, state, data_states[step], force=stopping)
-                if sampling and step < num_steps and jax.process_index() == 0:
-                    trainer.task.sample_grid(state["ema"], source, os.path.join(
-                        workdir, "samples", f"step_{step:07d}.png"), config.seed)
+                if sampling and step < num_steps:
+                    ema = host_params(state["ema"])  # a collective: every process takes part
+                    if jax.process_index() == 0:
+                        trainer.task.sample_grid(ema, source, os.path.join(
+                            workdir, "samples", f"step_{step:07d}.png"), config.seed)
                 if stopping and step < num_steps:
                     mngr.wait_until_finished()
                     preempted = stop_after is None or step < stop_after
@@ -608,14 +611,23 @@ def _check_finite(pending, mngr, state, data_states):
                              f"the last good state (step {good}) is saved in {mngr.directory}")
 
 
+def host_params(tree):
+    """Numpy copy of a (possibly multi-host sharded) param tree on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def _finish(trainer: Trainer, state, source, workdir: str, summary: dict) -> dict:
-    """Final sample grid and export of the EMA params."""
+    """Final sample grid and export of the EMA params (by process 0, on its local devices)."""
     summary["step"] = int(jax.device_get(state["step"]))
+    ema = host_params(state["ema"])
+    summary["export"] = os.path.join(workdir, "export")
     if jax.process_index() == 0:
         summary["samples"] = trainer.task.sample_grid(
-            state["ema"], source, os.path.join(workdir, "samples", "final.png"), trainer.config.seed)
-    summary["export"] = trainer.task.export(state["ema"], os.path.join(workdir, "export"))
-    if jax.process_index() == 0:
+            ema, source, os.path.join(workdir, "samples", "final.png"), trainer.config.seed)
+        trainer.task.export(ema, summary["export"])
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=str)
     return summary

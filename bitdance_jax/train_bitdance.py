@@ -95,9 +95,11 @@ class BitDanceTask:
     def sample_images(self, ema_params, class_ids, seed: int) -> np.ndarray:
         """uint8 [B,H,W,3] class-conditional samples with the jitted sampler."""
         from bitdance_jax.sampler import Sampler
+        from bitdance_jax.sharding import make_mesh
         s = self.config.sample
         params = jax.device_get({"model": ema_params["model"], "head": ema_params["head"]})
-        latents = Sampler(self.model_config, dtype=self.dtype).sample(
+        mesh = make_mesh(devices=jax.local_devices())  # process 0 samples on its own devices
+        latents = Sampler(self.model_config, dtype=self.dtype, mesh=mesh).sample(
             params, class_ids, seed=seed, cfg_scale=s.cfg_scale, num_sampling_steps=s.num_steps)
         return image_lib.to_uint8(self.tokenizer.decode(latents))
 
@@ -113,8 +115,8 @@ class BitDanceTask:
 
     def export(self, ema_params, dst):
         from bitdance_jax.model_api import save_model
-        params = jax.device_get({"model": ema_params["model"], "head": ema_params["head"],
-                                 "tokenizer": self.tokenizer.params})
+        params = {"model": ema_params["model"], "head": ema_params["head"],
+                  "tokenizer": jax.device_get(self.tokenizer.params)}
         return save_model(dst, self.model_config, params, self.tokenizer.config,
                           default_cfg_scale=self.config.sample.cfg_scale, overwrite=True,
                           source="bitdance_jax.train")

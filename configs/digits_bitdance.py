@@ -15,11 +15,11 @@ def get_config():
     c.data.image_size = 32
     c.data.cache_latents = True   # encode the 1,797 digits once with the frozen tokenizer
     c.global_batch_size = 64
-    c.num_steps = 1500
+    c.num_steps = 1000
     c.optim.lr = 1e-3
     c.optim.min_lr = 1e-5
     c.optim.warmup_steps = 100
-    c.optim.decay_start = 750
+    c.optim.decay_start = 500
     c.optim.ema_decay = 0.995
     c.log_every = 100
     c.checkpoint.every_steps = 500

@@ -1,0 +1,27 @@
+"""The ImageNet binary tokenizer ae_d16c32 (16x down, 32 bits in 4 groups of 8) at 256px.
+
+The reference ships this tokenizer trained but not its training recipe; this config trains
+the same architecture with reconstruction (L1 + L2) and the quantizer's entropy and
+commitment losses. Start from the released weights with --config.init_from=PORTED_DIR.
+"""
+from bitdance_jax.train_config import base_config, tokenizer_config
+
+
+def get_config():
+    c = base_config("tokenizer")
+    c.tokenizer = tokenizer_config()  # ch 256, ch_mult (1,1,2,2,4), 4 res blocks, z 32, 4 groups
+    c.data.source = "folder"
+    c.data.image_size = 256
+    c.data.min_crop_frac = 0.8
+    c.data.random_flip = True
+    c.data.num_threads = 16
+    c.global_batch_size = 256
+    c.num_steps = 500_000
+    c.compute_dtype = "bfloat16"
+    c.mesh = (1, -1, 1)
+    c.optim.update(dict(lr=1e-4, min_lr=1e-5, warmup_steps=5000, decay_start=250_000,
+                        weight_decay=0.05, ema_decay=0.9999))
+    c.log_every = 100
+    c.sample_every = 5000
+    c.checkpoint.every_steps = 2000
+    return c
