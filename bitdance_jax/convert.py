@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+import jax.numpy as jnp
+
 from bitdance_jax import porting
 from bitdance_jax.tokenizer import TokenizerConfig
 from bitdance_jax.tokenizer_api import (infer_tokenizer_config, port_tokenizer_state_dict,
@@ -49,8 +51,14 @@ def port_tokenizer_safetensors(folder: str, dst: str, num_codebooks: int | None 
 
 
 def port(src: str, dst: str, *, use_ema: bool = True, tokenizer: str | None = None,
-         num_codebooks: int | None = None) -> str:
-    """Detect the kind of ``src`` and port it to ``dst``; returns ``dst``."""
+         num_codebooks: int | None = None, n_head: int | None = None,
+         param_dtype: str = "float32") -> str:
+    """Detect the kind of ``src`` and port it to ``dst``; returns ``dst``.
+
+    ``n_head``: attention heads of a class-conditional model (not visible in the weights;
+    default: the file's training args, else width // 64 as in the released models).
+    ``param_dtype``: stored dtype of text-to-image params (bfloat16 halves a 14B port).
+    """
     if not os.path.exists(src):
         raise porting.PortingError(f"{src} does not exist")
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
@@ -58,7 +66,7 @@ def port(src: str, dst: str, *, use_ema: bool = True, tokenizer: str | None = No
     if os.path.isdir(src):
         if os.path.isfile(os.path.join(src, "config.json")):
             from bitdance_jax.t2i import port_t2i_folder
-            return port_t2i_folder(src, dst)
+            return port_t2i_folder(src, dst, param_dtype=jnp.dtype(param_dtype))
         if os.path.isfile(os.path.join(src, "ae_config.json")):
             return port_tokenizer_safetensors(src, dst, num_codebooks)
         raise porting.PortingError(f"{src}: neither a text-to-image folder (config.json) "
@@ -70,7 +78,9 @@ def port(src: str, dst: str, *, use_ema: bool = True, tokenizer: str | None = No
         return port_tokenizer_pt(src, dst, num_codebooks, state_dict=blob["state_dict"])
     if isinstance(blob, dict) and ("ema" in blob or "model" in blob):
         from bitdance_jax.model_api import port_imagenet_checkpoint
-        return port_imagenet_checkpoint(src, dst, use_ema=use_ema, tokenizer_pt=tokenizer)
+        overrides = {} if n_head is None else {"n_head": n_head}
+        return port_imagenet_checkpoint(src, dst, use_ema=use_ema, tokenizer_pt=tokenizer,
+                                        loaded=blob, **overrides)
     keys = sorted(blob)[:8] if isinstance(blob, dict) else type(blob).__name__
     raise porting.PortingError(f"{src}: unknown checkpoint layout (top-level keys {keys}); "
                                "expected 'state_dict' (tokenizer) or 'model'/'ema' (BitDance)")
@@ -84,10 +94,16 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", help="ae_d16c32.pt to use when SRC carries no vae.* weights")
     p.add_argument("--num-codebooks", type=int, default=None,
                    help="bit groups of the quantizer (default: 8 bits per group)")
+    p.add_argument("--n-head", type=int, default=None,
+                   help="attention heads of a class-conditional model (default: from the "
+                        "file's args, else width // 64 as in BitDance-B/L/H)")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="stored dtype of text-to-image params")
     args = p.parse_args(argv)
     try:
         out = port(args.src, args.dst, use_ema=not args.no_ema, tokenizer=args.tokenizer,
-                   num_codebooks=args.num_codebooks)
+                   num_codebooks=args.num_codebooks, n_head=args.n_head,
+                   param_dtype=args.param_dtype)
     except (porting.PortingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -139,18 +139,26 @@ def euler_maruyama(net_fn: NetFn, cond: jax.Array, noise: jax.Array, *, num_step
     noise = noise.astype(jnp.float32)
     step_t, step_dt = jnp.asarray(step_t), jnp.asarray(step_dt)
 
-    def sde_step(i, carry):
-        x, traj = carry
+    def sde_step(i, x):
         t, dt = step_t[i], step_dt[i]
         v = velocity(x, t)
         score = (t * v - x) / ((1 - t) ** 2 + t * (1 - t))
         drift = v + (1 - t) * score
-        x = x + drift * dt + jnp.sqrt(2 * (1 - t) * dt) * mirror(noise[i + 1])
-        return x, traj.at[i].set(x)
+        return x + drift * dt + jnp.sqrt(2 * (1 - t) * dt) * mirror(noise[i + 1])
+
+    def final_step(x):
+        return x + velocity(x, jnp.float32(last_t)) * jnp.float32(last_step_size)
 
     x0 = mirror(noise[0])
+    if not return_trajectory:  # no trajectory buffer in the sampling hot path
+        return final_step(jax.lax.fori_loop(0, num_steps, sde_step, x0))
+
+    def recorded_step(i, carry):
+        x, traj = carry
+        x = sde_step(i, x)
+        return x, traj.at[i].set(x)
+
     traj = jnp.zeros((num_steps + 1,) + x0.shape, jnp.float32)
-    x, traj = jax.lax.fori_loop(0, num_steps, sde_step, (x0, traj))
-    x = x + velocity(x, jnp.float32(last_t)) * jnp.float32(last_step_size)
-    traj = traj.at[num_steps].set(x)
-    return (x, traj) if return_trajectory else x
+    x, traj = jax.lax.fori_loop(0, num_steps, recorded_step, (x0, traj))
+    x = final_step(x)
+    return x, traj.at[num_steps].set(x)
