@@ -103,17 +103,22 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_params, *,
             bad_shape.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
             continue
         out[path] = value.astype(target.dtype)
-    extra = sorted(k for k in state_dict if k not in consumed and not ignore(k))
+    extra = [k for k in state_dict if k not in consumed and not ignore(k)]
+    raise_if_mismatch(what, missing, extra, bad_shape)
+    return traverse_util.unflatten_dict(out)
+
+
+def raise_if_mismatch(what: str, missing, extra, bad_shape) -> None:
+    """One PortingError naming every missing, unexpected and mis-shaped key (if any)."""
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s): {', '.join(sorted(missing))}")
     if extra:
-        problems.append(f"{len(extra)} unexpected key(s): {', '.join(extra)}")
+        problems.append(f"{len(extra)} unexpected key(s): {', '.join(sorted(extra))}")
     if bad_shape:
         problems.append(f"{len(bad_shape)} shape mismatch(es): {'; '.join(bad_shape)}")
     if problems:
         raise PortingError(f"{what} does not match the model: " + " | ".join(problems))
-    return traverse_util.unflatten_dict(out)
 
 
 def load_torch_file(path: str) -> dict[str, Any]:

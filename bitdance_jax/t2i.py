@@ -31,6 +31,7 @@ from bitdance_jax import checkpoint, porting, qwen3
 from bitdance_jax.diffusion_head import DiffusionNet, HeadConfig, port_head_state_dict
 from bitdance_jax.flow import euler_maruyama
 from bitdance_jax.layers import dense
+from bitdance_jax.patching import patchify, unpatchify
 from bitdance_jax.tokenizer import BinaryAutoencoder, TokenizerConfig
 from bitdance_jax.tokenizer_api import infer_tokenizer_config, port_tokenizer_state_dict
 
@@ -177,20 +178,6 @@ def position_embed_2d(table: np.ndarray, h: int, w: int, patch_side: int = 1) ->
     return patchify(grid[None], patch_side)[0]
 
 
-def patchify(grid, p: int):
-    """``[B, h, w, C]`` -> ``[B, h*w, C]`` in patch order ('b (h p1) (w p2) c -> b (h w p1 p2) c')."""
-    b, h, w, c = grid.shape
-    x = grid.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h * w, c)
-
-
-def unpatchify(tokens, h: int, w: int, p: int):
-    """Inverse of ``patchify``: ``[B, h*w, C]`` -> ``[B, h, w, C]``."""
-    b, _, c = tokens.shape
-    x = tokens.reshape(b, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, w, c)
-
-
 class TextTokenizer:
     """The folder's ``tokenizer.json`` through the ``tokenizers`` library."""
 
@@ -291,15 +278,7 @@ def stream_llm_weights(shard_files: Sequence[str], abstract, *, shardings=None,
                              if flat_shardings is not None else value)
     missing = sorted(key for key, path in by_key.items()
                      if path not in out and key not in mis_shaped)
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {', '.join(missing)}")
-    if extra:
-        problems.append(f"{len(extra)} unexpected key(s): {', '.join(sorted(extra))}")
-    if bad_shape:
-        problems.append(f"{len(bad_shape)} shape mismatch(es): {'; '.join(bad_shape)}")
-    if problems:
-        raise porting.PortingError("LLM weights do not match config.json: " + " | ".join(problems))
+    porting.raise_if_mismatch("LLM weights (config.json)", missing, extra, bad_shape)
     return traverse_util.unflatten_dict(out)
 
 
@@ -580,7 +559,7 @@ class T2IPipeline:
             if progress:
                 jax.effects_barrier()
                 _PROGRESS_BARS.pop().close()
-        bits = unpatchify(tokens, h, w, cfg.patch_side)
+        bits = unpatchify(tokens, cfg.patch_side, h, w)
         return (bits, SampleTrace(np.asarray(head_cond), np.asarray(head_pred))) if trace else bits
 
     def generate(self, prompt: str, height: int = 1024, width: int = 1024,
