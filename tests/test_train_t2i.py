@@ -41,8 +41,8 @@ def compilation_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     cfg = TokenizerConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=8, num_codebooks=2)
-    params = BinaryAutoencoder(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)),
-                                         None)["params"]
+    params = jax.jit(BinaryAutoencoder(cfg).init)(jax.random.PRNGKey(0),
+                                                  jnp.zeros((1, 8, 8, 3)))["params"]
     return save_tokenizer(str(tmp_path_factory.mktemp("tok")), cfg,
                           jax.device_get(nn.unbox(params)), overwrite=True)
 
@@ -151,13 +151,13 @@ def test_packed_loss_equals_separate_samples(text_tokenizer, tokenizer_dir):
     tok_cfg = load_tokenizer(tokenizer_dir).config
     cfg = t2i.T2IConfig(
         llm=t2i.qwen3.Qwen3Config(vocab_size=text_tokenizer._tok.get_vocab_size(), hidden_size=64,
-                                  intermediate_size=128, num_hidden_layers=2,
+                                  intermediate_size=128, num_hidden_layers=1,
                                   num_attention_heads=2, num_key_value_heads=1, head_dim=32),
         head_kwargs=dict(ch_target=tok_cfg.z_channels, ch_cond=64, ch_latent=128, depth_latent=1,
                          depth_adanln=1, parallel_num=4, P_mean=-0.8, P_std=0.8),
         tokenizer=tok_cfg)
     model = T2IModel(cfg)
-    params = nn.unbox(model.init(jax.random.PRNGKey(1)))
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1)))
     texts = sample_texts(text_tokenizer, GRIDS)
     S, N, P, z, mul = 3, 4, 4, tok_cfg.z_channels, 2
     spec = data_t2i.RowSpec(seq_len=sum(len(t.text_ids) for t in texts) + P * 8, max_samples=S,
@@ -205,10 +205,15 @@ def fixed_batch_loss(trainer, params, batch):
 
 
 def test_training_lowers_loss_resumes_and_exports(tokenizer_dir, tmp_path):
-    config = tiny_config(tokenizer_dir)
+    # The final sample grid uses the sampler that the pipeline check below uses too.
+    config = tiny_config(tokenizer_dir, **{"sample.prompts": ("a handwritten digit seven",),
+                                           "sample.num_images": 2, "sample.cfg_scale": 2.0,
+                                           "sample.num_steps": 2})
     mesh = one_device_mesh()
     straight = train.train(config, str(tmp_path / "straight"), mesh=mesh)
     assert straight["step"] == config.num_steps
+    with Image.open(straight["samples"]) as grid:
+        assert grid.size[0] > 2 * 8 and grid.size[1] > 8
     # Stop halfway, relaunch: the same final params as the uninterrupted run.
     resumed_dir = str(tmp_path / "resumed")
     first = train.train(config, resumed_dir, mesh=mesh, stop_after=4)
@@ -288,3 +293,45 @@ def test_folder_source_and_bad_input(tokenizer_dir, tmp_path):
                 str(tmp_path / "wd2"))
     with pytest.raises(ValueError, match="tokenizer_dir"):
         T2ITask(tiny_config(""), str(tmp_path / "wd3"))
+
+
+def test_buckets_with_latent_cache(tokenizer_dir, tmp_path):
+    """Two image shapes: the latent cache holds each image's latents in patch order, every
+    global batch is from one bucket, and all batches have the same shapes."""
+    rng = np.random.default_rng(0)
+    sizes, captions = {}, {}
+    for k in range(8):
+        sizes[f"{k}.png"] = (8, 8) if k % 2 else (8, 16)
+        captions[f"{k}.png"] = f"a picture number {k}"
+    root = str(tmp_path / "images")
+    os.makedirs(root)
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(root, name))
+    path = os.path.join(root, "captions.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"file": n, "caption": c}) + "\n" for n, c in captions.items())
+    config = tiny_config(tokenizer_dir, **{
+        "data.source": "folder", "data.path": root, "data.captions_file": path,
+        "data.buckets": ((8, 8), (8, 16)), "data.cache_latents": True,
+        "data.max_samples_per_row": 2})
+    task = T2ITask(config, str(tmp_path / "wd"))
+    rows = task.train_source()
+    assert len(rows) == 4
+    dataset = task.train_dataset(rows, config.data, global_batch=2, num_steps=4, seed=config.seed)
+    batches = list(dataset)
+    assert len({tuple((k, v.shape) for k, v in sorted(b.items())) for b in batches}) == 1
+    widths = []
+    for b in batches:  # the latent width of every sample of the batch
+        valid = b["slot_valid"] > 0
+        per_sample = b["token_rc"][..., 1].max(axis=-1)[valid] + 1
+        assert len(set(per_sample.tolist())) == 1
+        widths.append(int(per_sample[0]))
+    assert sorted(widths) == [4, 4, 8, 8]  # two epochs of one batch per bucket
+    source = data_t2i.CaptionFolderSource(root, path)
+    # The cached latents are the tokenizer's, in patch order, zero-padded to max_blocks * P.
+    for i in range(len(source)):
+        image = source[i]["image"].astype(np.float32)[None] / 127.5 - 1.0
+        bits = t2i.patchify(task.tokenizer.encode(image), 2)[0]
+        cached = np.asarray(rows.load_sample(i, 0)["latents"])
+        np.testing.assert_array_equal(cached[:len(bits)], bits)
+        assert not cached[len(bits):].any()
