@@ -313,19 +313,39 @@ class Trainer:
         return self
 
     def init_state(self, init_params=None):
-        """Fresh state (``init_params``: a param tree from a ported/trained checkpoint)."""
+        """Fresh state (``init_params``: a param tree from a ported/trained checkpoint, which
+        must have exactly the params of the configured model)."""
         seed = self.config.seed
 
-        def fresh(rng):
-            params = nn.unbox(self.task.init(rng)) if init_params is None else init_params
+        def fresh(rng, params):
+            params = nn.unbox(self.task.init(rng)) if params is None else params
             return {"step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed),
                     "ok": jnp.ones((), jnp.bool_), "params": params, "ema": params,
                     "opt_state": self.optimizer.init(params)}
 
+        in_shardings = (sharding.replicated(self.mesh), None)
         if init_params is not None:
+            self.check_params(init_params)
+            init_params = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), init_params,
+                                       self.abstract_state["params"])
             init_params = jax.device_put(init_params, self.param_shardings)
-        return jax.jit(fresh, out_shardings=self.state_shardings)(
-            jax.random.fold_in(jax.random.PRNGKey(seed), 1 << 20))
+            in_shardings = (in_shardings[0], self.param_shardings)
+        return jax.jit(fresh, in_shardings=in_shardings, out_shardings=self.state_shardings)(
+            jax.random.fold_in(jax.random.PRNGKey(seed), 1 << 20), init_params)
+
+    def check_params(self, params):
+        """ValueError naming the first missing / extra / mis-shaped param."""
+        want = {_names(p): a.shape for p, a in
+                jax.tree_util.tree_flatten_with_path(self.abstract_state["params"])[0]}
+        got = {_names(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+        for key in sorted(set(want) | set(got)):
+            if key not in got:
+                raise ValueError(f"init params lack {'/'.join(key)} {want[key]}")
+            if key not in want:
+                raise ValueError(f"init params have {'/'.join(key)}, which the model does not")
+            if tuple(got[key]) != tuple(want[key]):
+                raise ValueError(f"init param {'/'.join(key)} has shape {tuple(got[key])}, "
+                                 f"the model {tuple(want[key])}")
 
     def batch_sharding(self, ndim: int):
         return sharding.batch_sharding(self.mesh, ndim)
@@ -525,7 +545,7 @@ def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
     else:
         init_params = None
         if config.init_from:
-            meta, loaded = load_param_dir(config.init_from)
+            meta, loaded = load_param_dir(config.init_from)  # any kind: the task picks its part
             init_params = trainer.task.params_from_checkpoint(meta, loaded)
             log.info("initialised params from %s", config.init_from)
         state = trainer.init_state(init_params)
@@ -562,8 +582,11 @@ def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
                     state = _check_finite(pending, mngr, state, data_states)
                     logger.add(pending[1])
                 pending = (step, metrics)
-                stopping = (preempt.requested or mngr.reached_preemption(step)
-                            or step == num_steps or (stop_after is not None and step >= stop_after))
+                # Multi-host: Orbax's preemption sync makes every process stop at the same step.
+                preempted = mngr.reached_preemption(step) or (
+                    jax.process_count() == 1 and preempt.requested)
+                stopping = (preempted or step == num_steps
+                            or (stop_after is not None and step >= stop_after))
                 sampling = bool(config.sample_every) and step % config.sample_every == 0
                 if stopping or sampling or step % config.log_every == 0 or mngr.should_save(step):
                     state = _check_finite(pending, mngr, state, data_states)
@@ -579,7 +602,6 @@ def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
                             workdir, "samples", f"step_{step:07d}.png"), config.seed)
                 if stopping and step < num_steps:
                     mngr.wait_until_finished()
-                    preempted = stop_after is None or step < stop_after
                     if preempted:
                         log.warning("preempted: saved step %d in %s; relaunch to resume", step,
                                     mngr.directory)

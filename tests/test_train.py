@@ -292,3 +292,21 @@ def test_digits_score_separates_right_from_wrong_labels():
     assert right["score"] > 0.95 and wrong["score"] < 0.05
     with pytest.raises(ValueError, match="images for"):
         score_samples(real.images[:3], real.labels[:2])
+
+
+def test_init_from_a_trained_directory(uninterrupted, tmp_path):
+    """A trained/ported param directory initialises a new run; a mismatched one is refused."""
+    from bitdance_jax.checkpoint import load_param_dir
+    config, _, _, _, summary = uninterrupted
+    meta, loaded = load_param_dir(summary["export"])
+    trainer = train.Trainer(config, str(tmp_path), sharding.make_mesh((2, 1, 4))).build(6)
+    state = jax.device_get(trainer.init_state(trainer.task.params_from_checkpoint(meta, loaded)))
+    assert_trees_equal(state["params"], loaded)
+    assert_trees_equal(state["ema"], loaded)
+    bigger = tiny_config(**{"tokenizer.z_channels": 16})
+    other = train.Trainer(bigger, str(tmp_path), sharding.make_mesh((8, 1, 1))).build(6)
+    with pytest.raises(ValueError, match="has shape"):
+        other.init_state(loaded)
+    del loaded["encoder"]["conv_in"]
+    with pytest.raises(ValueError, match="lack encoder/conv_in/kernel"):
+        trainer.init_state(loaded)
