@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import linen as nn
 
 from bitdance_jax import checkpoint, data_t2i, qwen3, t2i
 from bitdance_jax import images as image_lib
-from bitdance_jax.diffusion_head import DiffusionNet
+from bitdance_jax.diffusion_head import DiffusionNet, example_inputs
 from bitdance_jax.flow import flow_matching_loss
 from bitdance_jax.model import flip_bits
 from bitdance_jax.tokenizer import quantize_signs
@@ -105,7 +106,7 @@ class T2IModel:
     def init(self, rng):
         k_llm, k_head, k_proj = jax.random.split(rng, 3)
         cfg = self.config
-        head_args = [jnp.zeros(s.shape, s.dtype) for s in t2i._head_example(cfg)]  # noqa: SLF001
+        head_args = example_inputs(cfg.head)
         return {"llm": self.llm.init(k_llm, jnp.zeros((1, 1), jnp.int32))["params"],
                 "head": self.head.init(k_head, *head_args)["params"],
                 "projector": self.projector.init(
@@ -166,6 +167,11 @@ class T2IModel:
         return vision, text_ce, text_weights
 
 
+def text_vocab_size(path: str) -> int:
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(path).get_vocab_size()
+
+
 def weighted_mean(values, weights):
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
@@ -193,7 +199,7 @@ class T2ITask:
         self.grids = [probe.latent_grid(h, w) for h, w in self.buckets]
         self.text_tokenizer_path = self._text_tokenizer()
         self.text_tokenizer = t2i.TextTokenizer(self.text_tokenizer_path)
-        vocab = config.llm.vocab_size or self.text_tokenizer._tok.get_vocab_size()  # noqa: SLF001
+        vocab = config.llm.vocab_size or text_vocab_size(self.text_tokenizer_path)
         self.model_config = t2i.T2IConfig(llm=self._llm_config(vocab), head_kwargs=head_kwargs,
                                           tokenizer=self.tokenizer.config)
         self.model = T2IModel(self.model_config, self.dtype)
@@ -317,14 +323,26 @@ class T2ITask:
         text_loss = weighted_mean(text_ce, text_w)
         loss = lc.vision_weight * vision_loss + lc.text_weight * text_loss
         return loss, {"vision_loss": vision_loss, "text_loss": text_loss,
-                      "caption_dropped": jnp.mean(dropped.astype(jnp.float32))}
+                      "caption_dropped": weighted_mean(dropped.astype(jnp.float32),
+                                                       batch["slot_valid"])}
 
     def params_from_checkpoint(self, meta, params):
         missing = [k for k in ("llm", "head", "projector") if k not in params]
         if missing:
             raise ValueError(f"{self.config.init_from} holds no T2I params {missing} "
                              f"(kind {meta.get('kind')!r})")
-        return {k: params[k] for k in ("llm", "head", "projector")}
+        params = {k: params[k] for k in ("llm", "head", "projector")}
+        expected = jax.eval_shape(lambda: nn.unbox(self.init(jax.random.PRNGKey(0))))
+        got = jax.tree_util.tree_flatten_with_path(params)[0]
+        want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+        bad = [f"{jax.tree_util.keystr(k)}: {np.shape(v)} vs {want[k].shape}" if k in want
+               else f"{jax.tree_util.keystr(k)}: not in the model" for k, v in got
+               if k not in want or np.shape(v) != want[k].shape]
+        bad += [f"{jax.tree_util.keystr(k)}: missing" for k in set(want) - {k for k, _ in got}]
+        if bad:
+            raise ValueError(f"{self.config.init_from} does not fit config.llm / config.head: "
+                             + "; ".join(sorted(bad)[:10]))
+        return params
 
     # -- samples / export ------------------------------------------------------------------
     def pipeline(self, ema_params) -> t2i.T2IPipeline:

@@ -15,10 +15,11 @@ from flax import linen as nn
 from PIL import Image
 
 from bitdance_jax import data_t2i, sharding, t2i, train
+from bitdance_jax.checkpoint import load_param_dir
 from bitdance_jax.tokenizer import BinaryAutoencoder, TokenizerConfig
 from bitdance_jax.tokenizer_api import save_tokenizer
 from bitdance_jax.train_t2i import (T2IModel, T2ITask, apply_caption_drop, packed_attention_mask,
-                                    t2i_base_config)
+                                    t2i_base_config, text_vocab_size)
 
 CAPTIONS = [data_t2i.digit_caption(d) for d in range(10)] + [
     "a handwritten digit seven drawn with a thick black pen on white paper"]
@@ -150,7 +151,7 @@ def test_packed_loss_equals_separate_samples(text_tokenizer, tokenizer_dir):
     from bitdance_jax.tokenizer_api import load_tokenizer
     tok_cfg = load_tokenizer(tokenizer_dir).config
     cfg = t2i.T2IConfig(
-        llm=t2i.qwen3.Qwen3Config(vocab_size=text_tokenizer._tok.get_vocab_size(), hidden_size=64,
+        llm=t2i.qwen3.Qwen3Config(vocab_size=text_vocab_size(text_tokenizer.path), hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=1,
                                   num_attention_heads=2, num_key_value_heads=1, head_dim=32),
         head_kwargs=dict(ch_target=tok_cfg.z_channels, ch_cond=64, ch_latent=128, depth_latent=1,
@@ -242,6 +243,15 @@ def test_training_lowers_loss_resumes_and_exports(tokenizer_dir, tmp_path):
     images = pipe.generate("a handwritten digit seven", 8, 8, num_sampling_steps=2,
                            guidance_scale=2.0, num_images=2, seed=0)
     assert [im.size for im in images] == [(8, 8), (8, 8)]
+
+    # The export also starts another run (config.init_from); a model of other sizes does not.
+    meta, exported = load_param_dir(straight["export"])
+    init_params = trainer.task.params_from_checkpoint(meta, exported)
+    jax.tree.map(np.testing.assert_array_equal, init_params["llm"], exported["llm"])
+    wider = tiny_config(tokenizer_dir, **{"llm.intermediate_size": 96,
+                                          "init_from": straight["export"]})
+    with pytest.raises(ValueError, match=r"does not fit config.llm.*mlp.*\(64, 128\) vs \(64, 96\)"):
+        T2ITask(wider, str(tmp_path / "straight")).params_from_checkpoint(meta, exported)
 
 
 # ---------------------------------------------------------------------------------------
