@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 
 from bitdance_jax.data import IMAGE_EXTENSIONS, DigitsSource
-from bitdance_jax.t2i import UNCOND_PROMPT, TextTokenizer, cond_prompt, patchify
+from bitdance_jax.patching import token_cells
+from bitdance_jax.t2i import UNCOND_PROMPT, TextTokenizer, cond_prompt
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 UNK_TOKEN = "[UNK]"
@@ -262,8 +263,7 @@ class RowSpec:
 
 def grid_positions(h: int, w: int, patch_side: int) -> np.ndarray:
     """(row, col) of every latent in generation (patch) order: [h*w, 2] int32."""
-    rc = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), axis=-1)
-    return patchify(rc[None].astype(np.int32), patch_side)[0]
+    return np.stack(token_cells(h, w, patch_side), axis=-1).astype(np.int32)
 
 
 def pack_row(texts: Sequence[SampleText], grids: Sequence[tuple[int, int]], spec: RowSpec,

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from bitdance_jax import checkpoint, data_t2i, qwen3, t2i
+from bitdance_jax import checkpoint, data_t2i, patching, qwen3, t2i
 from bitdance_jax import images as image_lib
 from bitdance_jax.diffusion_head import DiffusionNet, example_inputs
 from bitdance_jax.flow import flow_matching_loss
@@ -117,18 +117,17 @@ class T2IModel:
         table = jnp.asarray(self.pos_table)
         return jnp.concatenate([table[token_rc[..., 1]], table[token_rc[..., 0]]], axis=-1)
 
-    def losses(self, params, tokens, batch, t_raw, noise, *, input_tokens=None, dropped=None):
-        """Per-block vision loss [mul, B, S, N], per-position text CE [B, L] and the text
-        weights [B, L] of a packed batch.
+    def forward(self, params, tokens, batch, *, input_tokens=None, dropped=None):
+        """Head conditions [B, S, N, P, D] (hidden state of block m plus the position
+        embedding of image block m), final hidden states [B, L, D] and text weights [B, L].
 
-        ``tokens [B, S, N*P, z]``: each sample's latents in patch order (the targets);
-        ``input_tokens``: what is fed back (e.g. bit-flipped; default ``tokens``);
-        ``t_raw [mul, B, S, N]`` and ``noise [mul, B, S, N, P, z]``: the flow draws;
-        ``dropped [B, S]``: samples whose caption is dropped.
+        ``tokens [B, S, N*P, z]``: each sample's latents in patch order; ``input_tokens``:
+        what is fed back (e.g. bit-flipped; default ``tokens``); ``dropped [B, S]``: samples
+        whose caption is dropped.
         """
         cfg = self.config
         P, D = cfg.parallel_num, cfg.llm.hidden_size
-        b, s, tokens_per_slot, z = tokens.shape
+        b, s, tokens_per_slot, _ = tokens.shape
         n = tokens_per_slot // P
         llm_vars = {"params": params["llm"]}
         if dropped is None:
@@ -151,6 +150,18 @@ class T2IModel:
         where = (batch["cond_start"][..., None] + jnp.arange(P)).reshape(b, s * n * P)
         cond = jnp.take_along_axis(hidden, where[..., None], axis=1).reshape(b, s, n, P, D)
         cond = cond.astype(jnp.float32) + pos.reshape(b, s, n, P, D)
+        return cond, hidden, text_weights
+
+    def losses(self, params, tokens, batch, t_raw, noise, *, input_tokens=None, dropped=None):
+        """Per-block vision loss [mul, B, S, N], per-position text CE [B, L] and the text
+        weights [B, L] of a packed batch (arguments as ``forward``; ``t_raw [mul, B, S, N]``
+        and ``noise [mul, B, S, N, P, z]`` are the flow draws)."""
+        cfg = self.config
+        P, D = cfg.parallel_num, cfg.llm.hidden_size
+        b, s, tokens_per_slot, z = tokens.shape
+        n = tokens_per_slot // P
+        cond, hidden, text_weights = self.forward(params, tokens, batch,
+                                                  input_tokens=input_tokens, dropped=dropped)
         mul = t_raw.shape[0]
         target = jnp.broadcast_to(tokens.reshape(b, s, n, P, z).astype(jnp.float32),
                                   (mul, b, s, n, P, z)).reshape(-1, P, z)
@@ -162,7 +173,8 @@ class T2IModel:
                                     time_shift=h.time_shift, reduce="channels")
         vision = vision.mean(axis=-1).reshape(mul, b, s, n)
 
-        logits = self.llm.apply(llm_vars, hidden, method="logits").astype(jnp.float32)
+        logits = self.llm.apply({"params": params["llm"]}, hidden,
+                                method="logits").astype(jnp.float32)
         text_ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["text_targets"])
         return vision, text_ce, text_weights
 
@@ -279,7 +291,7 @@ class T2ITask:
                 chunk = records[start:start + 64]
                 images = np.stack([self.source[int(r)]["image"] for r in chunk])
                 bits = self.tokenizer.encode(images.astype(np.float32) / 127.5 - 1.0)
-                seq = t2i.patchify(np.asarray(bits), p)
+                seq = patching.patchify(np.asarray(bits), p)
                 out[chunk, :seq.shape[1]] = np.where(seq > 0, 1, -1)
         os.makedirs(cache_dir, exist_ok=True)
         np.save(path, out)
@@ -303,7 +315,7 @@ class T2ITask:
         x = images.reshape((b * s,) + images.shape[2:]).astype(jnp.float32) / 127.5 - 1.0
         h = self.tokenizer.model.apply({"params": frozen["tokenizer"]}, x, method="encode_pre")
         bits = jax.lax.stop_gradient(quantize_signs(h.astype(jnp.float32)))
-        seq = t2i.patchify(bits, self.model_config.patch_side)
+        seq = patching.patchify(bits, self.model_config.patch_side)
         return seq.reshape(b, s, -1, seq.shape[-1])
 
     def loss(self, params, frozen, batch, rng):

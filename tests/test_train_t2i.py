@@ -14,7 +14,7 @@ import pytest
 from flax import linen as nn
 from PIL import Image
 
-from bitdance_jax import data_t2i, sharding, t2i, train
+from bitdance_jax import data_t2i, patching, sharding, t2i, train
 from bitdance_jax.checkpoint import load_param_dir
 from bitdance_jax.tokenizer import BinaryAutoencoder, TokenizerConfig
 from bitdance_jax.tokenizer_api import save_tokenizer
@@ -197,6 +197,38 @@ def test_packed_loss_equals_separate_samples(text_tokenizer, tokenizer_dir):
         assert np.all(vision[:, :, 0, :grid[0] * grid[1] // P] > 0)
 
 
+def test_training_layout_matches_sampling(text_tokenizer, tokenizer_dir):
+    """Teacher-forcing the pipeline's own samples through the packed forward gives the head
+    conditions the pipeline used at every image step (same sequence, positions and masks)."""
+    from bitdance_jax.tokenizer_api import load_tokenizer
+    tok = load_tokenizer(tokenizer_dir)
+    cfg = t2i.T2IConfig(
+        llm=t2i.qwen3.Qwen3Config(vocab_size=text_vocab_size(text_tokenizer.path), hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=32),
+        head_kwargs=dict(ch_target=tok.config.z_channels, ch_cond=64, ch_latent=128,
+                         depth_latent=1, depth_adanln=1, parallel_num=4),
+        tokenizer=tok.config)
+    model = T2IModel(cfg)
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(3)))
+    pipe = t2i.T2IPipeline(cfg, dict(params, tokenizer=tok.params), text_tokenizer)
+    f = cfg.vae_patch_size
+    (h, w), P = GRIDS[0], cfg.parallel_num
+    bits, trace = pipe.sample_latents(CAPTIONS[7], h * f, w * f, num_sampling_steps=2,
+                                      guidance_scale=1.0, seed=4, trace=True)
+    texts = sample_texts(text_tokenizer, GRIDS)
+    spec = data_t2i.RowSpec(seq_len=len(texts[0].text_ids) + P * 5, max_samples=2,
+                            max_blocks=h * w // P, parallel_num=P)
+    row = data_t2i.pack_row(texts[:1], GRIDS[:1], spec, patch_side=cfg.patch_side)
+    batch = {k: jnp.asarray(v)[None] for k, v in row.items()}
+    tokens = patching.patchify(jnp.asarray(bits, jnp.float32), cfg.patch_side)
+    tokens = jnp.stack([tokens, jnp.zeros_like(tokens)], axis=1)  # slot 1 empty
+    cond, _, _ = jax.jit(model.forward)(params, tokens, batch)
+    err = np.abs(np.asarray(cond[0, 0]) - trace.head_cond[:, 0]).max()
+    print(f"training vs sampling head conditions: max abs err {err:.2e}")
+    np.testing.assert_allclose(np.asarray(cond[0, 0]), trace.head_cond[:, 0], rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------
 # Training through the trainer.
 
@@ -341,7 +373,7 @@ def test_buckets_with_latent_cache(tokenizer_dir, tmp_path):
     # The cached latents are the tokenizer's, in patch order, zero-padded to max_blocks * P.
     for i in range(len(source)):
         image = source[i]["image"].astype(np.float32)[None] / 127.5 - 1.0
-        bits = t2i.patchify(task.tokenizer.encode(image), 2)[0]
+        bits = patching.patchify(task.tokenizer.encode(image), 2)[0]
         cached = np.asarray(rows.load_sample(i, 0)["latents"])
         np.testing.assert_array_equal(cached[:len(bits)], bits)
         assert not cached[len(bits):].any()
