@@ -1,7 +1,7 @@
 """Text-to-image training input: captioned image sources, resolution buckets, packed rows.
 
-Sources (random access, ``len``, ``size(i) -> (H, W)`` without decoding, ``[i] -> {"image":
-uint8 HWC, "caption": str}``):
+Sources (random access: ``len``; ``size(i) -> (H, W)``, from the file header where the format
+allows; ``[i] -> {"image": uint8 HWC, "caption": str}``):
 
 * ``digits``: scikit-learn's digits with captions "a handwritten digit seven" (no download).
 * ``folder``: a folder of images plus a JSONL file of ``{"file": <path relative to the
@@ -10,7 +10,9 @@ uint8 HWC, "caption": str}``):
 
 Rows. Each training row packs several samples, one after the other, then padding:
 
-    [chat-formatted caption, <|vision_start|>, <|res_h|>] [<|res_w|>, <|query_1..P-1|>] [image block 0] ... [image block n-2]
+    [chat-formatted caption, <|vision_start|>, <|res_h|>]   (causal text part)
+    [<|res_w|>, <|query_1|> .. <|query_{P-1}|>]              (block 0)
+    [image block 0] .. [image block n-2]                       (blocks 1 .. n-1, fed back)
 
 The caption part is causal, each block of P positions is bidirectional and sees everything
 before it in its own sample, and no position sees another sample. The hidden states of block
@@ -97,7 +99,8 @@ class CaptionFolderSource:
                        for d, _, names in os.walk(root) for f in names
                        if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise ValueError(f"image folder {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(f"image folder {root!r} holds no images "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
         uncaptioned = [f for f in files if os.path.normpath(f) not in captions]
         if uncaptioned:
             raise ValueError(f"{len(uncaptioned)} image(s) in {root!r} have no entry in "
@@ -353,7 +356,8 @@ class PackedRows:
     def batched(self, global_batch: int, process_index: int = 0, process_count: int = 1):
         """Fix the global batch (rows) and this process's share; checks one batch exists."""
         if global_batch % process_count:
-            raise ValueError(f"global batch {global_batch} not divisible by {process_count} processes")
+            raise ValueError(f"global batch {global_batch} is not divisible by the "
+                             f"{process_count} processes")
         self.global_batch, self.local_batch = global_batch, global_batch // process_count
         self.process_index = process_index
         self.epoch_plan.cache_clear()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -269,22 +270,33 @@ class T2ITask:
         rows.batched(global_batch, jax.process_index(), jax.process_count())
         return data_t2i.make_packed_dataset(rows, num_steps, data_cfg)
 
-    def _latent_cache(self, bucket_of) -> list[np.ndarray]:
-        """int8 latents of every record in patch order, padded to ``max_blocks * P`` tokens;
-        encoded once and kept in ``data.cache_dir`` (default ``workdir/latent_cache``)."""
+    def _latent_cache(self, bucket_of) -> np.ndarray:
+        """int8 latents [records, max_blocks * P, z] in patch order (zero-padded), encoded
+        once by process 0 into ``data.cache_dir`` (default ``workdir/latent_cache``)."""
         c = self.config.data
         cache_dir = c.cache_dir or os.path.join(self.workdir or ".", "latent_cache")
-        path = os.path.join(cache_dir, "latents.npy")
-        meta = {"num_records": len(self.source), "buckets": self.buckets,
-                "tokens": self.spec.max_blocks * self.spec.parallel_num}
+        meta = {"num_records": len(self.source), "buckets": [list(b) for b in self.buckets],
+                "tokens": self.spec.max_blocks * self.spec.parallel_num,
+                "tokenizer": self.tokenizer.config.to_dict()}
         meta_path = os.path.join(cache_dir, LATENT_CACHE_META)
-        if os.path.isfile(meta_path):
-            with open(meta_path) as f:
-                if json.load(f) != json.loads(json.dumps(meta)):
-                    raise ValueError(f"latent cache {cache_dir} was built for other data/buckets")
-            return np.load(path, mmap_mode="r")
+        if not os.path.isfile(meta_path):
+            if jax.process_index() == 0:
+                self._write_latent_cache(cache_dir, bucket_of, meta)
+            while not os.path.isfile(meta_path):
+                time.sleep(5)
+        with open(meta_path) as f:
+            if json.load(f) != json.loads(json.dumps(meta)):
+                raise ValueError(f"latent cache {cache_dir} was built for other records, buckets "
+                                 "or tokenizer; remove it or set data.cache_dir")
+        return np.load(os.path.join(cache_dir, "latents.npy"), mmap_mode="r")
+
+    def _write_latent_cache(self, cache_dir: str, bucket_of, meta: dict):
         z, p = self.tokenizer.config.z_channels, self.model_config.patch_side
-        out = np.zeros((len(self.source), meta["tokens"], z), np.int8)
+        tmp = cache_dir.rstrip("/") + ".partial"
+        os.makedirs(tmp, exist_ok=True)
+        out = np.lib.format.open_memmap(os.path.join(tmp, "latents.npy"), mode="w+", dtype=np.int8,
+                                        shape=(len(self.source), meta["tokens"], z))
+        out[:] = 0
         for b in range(len(self.buckets)):
             records = np.flatnonzero(bucket_of == b)
             for start in range(0, len(records), 64):
@@ -293,11 +305,13 @@ class T2ITask:
                 bits = self.tokenizer.encode(images.astype(np.float32) / 127.5 - 1.0)
                 seq = patching.patchify(np.asarray(bits), p)
                 out[chunk, :seq.shape[1]] = np.where(seq > 0, 1, -1)
-        os.makedirs(cache_dir, exist_ok=True)
-        np.save(path, out)
-        with open(meta_path, "w") as f:
+        out.flush()
+        del out
+        with open(os.path.join(tmp, LATENT_CACHE_META), "w") as f:
             json.dump(meta, f)
-        return out
+        if os.path.isdir(cache_dir):
+            os.rmdir(cache_dir)  # only an empty directory may be in the way
+        os.rename(tmp, cache_dir)
 
     # -- model -----------------------------------------------------------------------------
     def init(self, rng):

@@ -282,7 +282,8 @@ def test_training_lowers_loss_resumes_and_exports(tokenizer_dir, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, init_params["llm"], exported["llm"])
     wider = tiny_config(tokenizer_dir, **{"llm.intermediate_size": 96,
                                           "init_from": straight["export"]})
-    with pytest.raises(ValueError, match=r"does not fit config.llm.*mlp.*\(64, 128\) vs \(64, 96\)"):
+    with pytest.raises(ValueError,
+                       match=r"does not fit config.llm.*mlp.*\(64, 128\) vs \(64, 96\)"):
         T2ITask(wider, str(tmp_path / "straight")).params_from_checkpoint(meta, exported)
 
 
@@ -348,7 +349,8 @@ def test_buckets_with_latent_cache(tokenizer_dir, tmp_path):
     root = str(tmp_path / "images")
     os.makedirs(root)
     for name, (h, w) in sizes.items():
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(root, name))
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(root, name))
     path = os.path.join(root, "captions.jsonl")
     with open(path, "w") as f:
         f.writelines(json.dumps({"file": n, "caption": c}) + "\n" for n, c in captions.items())
@@ -377,3 +379,26 @@ def test_buckets_with_latent_cache(tokenizer_dir, tmp_path):
         cached = np.asarray(rows.load_sample(i, 0)["latents"])
         np.testing.assert_array_equal(cached[:len(bits)], bits)
         assert not cached[len(bits):].any()
+
+
+def test_tfds_caption_source(tokenizer_dir, monkeypatch):
+    """The TFDS option through a stand-in ``tfds.data_source`` (TFDS is not installed here)."""
+    import sys
+    import types
+    records = [{"image": np.full((8, 16, 1), 7, np.uint8), "text": b"a gray bar"},
+               {"image": np.zeros((8, 8, 3), np.uint8), "text": "a black square"}]
+    calls = []
+
+    def data_source(name, split, data_dir):
+        calls.append((name, split, data_dir))
+        return records
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets",
+                        types.SimpleNamespace(data_source=data_source))
+    config = tiny_config(tokenizer_dir, **{"data.source": "tfds", "data.tfds_name": "my_captions",
+                                           "data.caption_key": "text"})
+    source = data_t2i.make_caption_source(config.data)
+    assert calls == [("my_captions", "train", None)]
+    assert data_t2i.source_captions(source) == ["a gray bar", "a black square"]
+    assert source[0]["image"].shape == (8, 16, 3) and source.size(0) == (8, 16)
+    np.testing.assert_array_equal(data_t2i.assign_buckets(source, [(8, 8), (8, 16)]), [1, 0])
