@@ -204,7 +204,9 @@ def build_word_tokenizer(path: str, texts: Sequence[str], *, max_latent_side: in
     tok.pre_tokenizer = split
     tok.add_special_tokens(specials)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tok.save(path)
+    tmp = f"{path}.{os.getpid()}.partial"  # processes building the same file do not collide
+    tok.save(tmp)
+    os.replace(tmp, path)
     return path
 
 

@@ -212,7 +212,11 @@ class T2ITask:
         self.grids = [probe.latent_grid(h, w) for h, w in self.buckets]
         self.text_tokenizer_path = self._text_tokenizer()
         self.text_tokenizer = t2i.TextTokenizer(self.text_tokenizer_path)
-        vocab = config.llm.vocab_size or text_vocab_size(self.text_tokenizer_path)
+        text_vocab = text_vocab_size(self.text_tokenizer_path)
+        vocab = config.llm.vocab_size or text_vocab
+        if vocab < text_vocab:
+            raise ValueError(f"config.llm.vocab_size {vocab} is smaller than the text tokenizer's "
+                             f"{text_vocab} tokens ({self.text_tokenizer_path})")
         self.model_config = t2i.T2IConfig(llm=self._llm_config(vocab), head_kwargs=head_kwargs,
                                           tokenizer=self.tokenizer.config)
         self.model = T2IModel(self.model_config, self.dtype)
@@ -221,7 +225,7 @@ class T2ITask:
         self.spec = self._row_spec()
         self.tokens_per_example = self.spec.seq_len
         self.from_images = not config.data.cache_latents
-        if self.from_images and len({b for b in self.buckets}) > 1:
+        if self.from_images and len(set(self.buckets)) > 1:
             raise ValueError("buckets of different image shapes need data.cache_latents=True "
                              "(the compiled step takes one image shape)")
 

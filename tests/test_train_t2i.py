@@ -336,6 +336,8 @@ def test_folder_source_and_bad_input(tokenizer_dir, tmp_path):
                 str(tmp_path / "wd2"))
     with pytest.raises(ValueError, match="tokenizer_dir"):
         T2ITask(tiny_config(""), str(tmp_path / "wd3"))
+    with pytest.raises(ValueError, match="vocab_size 5 is smaller than the text tokenizer"):
+        T2ITask(tiny_config(tokenizer_dir, **{"llm.vocab_size": 5}), str(tmp_path / "wd4"))
 
 
 def test_buckets_with_latent_cache(tokenizer_dir, tmp_path):
