@@ -307,6 +307,9 @@ def make_train_dataset(source, data_cfg, *, global_batch: int, num_steps: int, s
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
                                               prefetch_buffer_size=data_cfg.prefetch))
     if data_cfg.worker_count > 0:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; use their defaults
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
     return ds
 

@@ -224,3 +224,23 @@ def test_batch_larger_than_data_set():
     with pytest.raises(ValueError, match="larger than the data set"):
         data_lib.TrainRecords(data_lib.DigitsSource(8), global_batch=4096, num_steps=1, seed=0,
                               process_index=0, process_count=1, image_size=8)
+
+
+def test_multiprocess_prefetch_gives_the_same_stream_and_resumes():
+    source = data_lib.DigitsSource(8)
+    plain = batches(source, data_config(image_size=8, num_threads=1), global_batch=16, num_steps=4)
+    ds = data_lib.make_train_dataset(source, data_config(image_size=8, num_threads=1, worker_count=2),
+                                     global_batch=16, num_steps=4, seed=0, process_index=0,
+                                     process_count=1)
+    it = iter(ds)
+    got = [next(it) for _ in range(2)]
+    state = it.get_state()
+    got += [next(it) for _ in range(2)]
+    it.close()
+    for want, have in zip(plain, got):
+        np.testing.assert_array_equal(have["index"], want["index"])
+        np.testing.assert_array_equal(have["image"], want["image"])
+    it2 = iter(ds)
+    it2.set_state(state)
+    np.testing.assert_array_equal(next(it2)["index"], plain[2]["index"])
+    it2.close()

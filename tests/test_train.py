@@ -310,3 +310,69 @@ def test_init_from_a_trained_directory(uninterrupted, tmp_path):
     del loaded["encoder"]["conv_in"]
     with pytest.raises(ValueError, match="lack encoder/conv_in/kernel"):
         trainer.init_state(loaded)
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
+from bitdance_jax import train
+from test_train import tiny_config
+
+def hard_kill(step, batch):
+    if step == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no final save: a crash
+
+train.train(tiny_config(), {workdir!r}, on_step=hard_kill)
+"""
+
+
+def test_hard_kill_and_relaunch_equals_uninterrupted(uninterrupted, tmp_path):
+    """SIGKILL mid-run (an async checkpoint may be in flight); the relaunch resumes from the
+    last complete checkpoint and reaches the uninterrupted run's params and data order."""
+    import subprocess
+    import sys
+    config, full_state, full_data, full_seen, _ = uninterrupted
+    workdir = str(tmp_path / "run")
+    script = KILLED_RUN.format(repo=REPO, tests=os.path.join(REPO, "tests"), kill_at=5,
+                               workdir=workdir)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    mngr = train.make_checkpoint_manager(workdir, config)
+    killed_at = mngr.latest_step()
+    mngr.close()
+    assert killed_at is not None and killed_at < config.num_steps
+    seen = []
+    train.train(config, workdir, on_step=lambda s, b: seen.append(b["index"].copy()))
+    state, data_state = params_of(workdir, config)
+    assert_trees_equal(state["params"], full_state["params"])
+    assert_trees_equal(state["opt_state"], full_state["opt_state"])
+    assert data_state == full_data
+    np.testing.assert_array_equal(np.stack(seen), np.stack(full_seen[killed_at:]))
+
+
+@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+                                        if f.endswith(".py") and not f.endswith("_common.py")
+                                        and f != "bitdance_models.py"))
+def test_every_config_loads(name):
+    config = train.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
+    assert config.kind in train.KINDS
+    if name.startswith("imagenet_bitdance_"):
+        from bitdance_jax.model import BitDanceConfig, released_name
+        size, par = name.split("_")[-2:]
+        arch = BitDanceConfig(**config.model.to_dict(), latent_dim=32, grid_size=16)
+        assert released_name(arch) == f"BitDance-{size.upper()}-{par}"  # the released model
+        assert config.global_batch_size == 1024 and config.epochs == 800
+        assert config.loss.bit_flip_rate == (0.1 if size == "b" else 0.05)
+        assert (config.optim.lr, config.optim.b1, config.optim.b2) == (6e-4, 0.9, 0.95)
+
+
+def test_default_pipeline_overrides_reach_the_stages(tmp_path):
+    config, _, _ = train.parse_args(["train", "--config", os.path.join(REPO, "configs", "default.py"),
+                                     "--workdir", str(tmp_path), "--config.bitdance.num_steps=7",
+                                     "--config.tokenizer.optim.lr=0.01"])
+    assert config.stages == ("tokenizer", "bitdance")
+    assert config.bitdance.num_steps == 7 and config.tokenizer.optim.lr == 0.01
+    assert config.bitdance.model.parallel_num == 4 and config.bitdance.loss.label_drop > 0
