@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -28,7 +27,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import linen as nn
-from jax.sharding import NamedSharding, PartitionSpec
 
 from bitdance_jax import data as data_lib
 from bitdance_jax import images as image_lib
@@ -124,6 +122,8 @@ def parse_args(argv: list[str]):
     try:
         args = parser.parse_args(rest)
     except SystemExit as e:
+        if e.code == 0:  # --help
+            raise
         raise ValueError(f"bad command line: {' '.join(argv[1:])}") from e
     config = load_config_file(args.config)
     for a in overrides:
@@ -285,7 +285,7 @@ class Trainer:
 
     # -- optimizer and state ----------------------------------------------------------
     def build(self, num_steps: int):
-        c, o = self.config, self.config.optim
+        o = self.config.optim
         self.num_steps = num_steps
         self.schedule = optim.lr_schedule(o.lr, warmup_steps=o.warmup_steps,
                                           decay_start=o.decay_start, total_steps=num_steps,
