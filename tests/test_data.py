@@ -142,7 +142,7 @@ def test_digits_source():
 
 
 def test_tfds_array_record_source(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
     rng = np.random.default_rng(0)
     pixels = [rng.integers(0, 255, (20, 24, 3), dtype=np.uint8) for _ in range(6)]
 

@@ -130,8 +130,8 @@ def test_config_rejects_unsupported():
 
 def test_matches_hugging_face_transformers(tmp_path):
     """A tiny random Qwen3 saved by transformers: same hidden states and logits here."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers  # test extra: parity is checked, never skipped
     hf_config = transformers.Qwen3Config(
         vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10_000.0,
