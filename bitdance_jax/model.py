@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, Mapping
 
 import jax
@@ -28,6 +29,9 @@ from bitdance_jax.layers import RMSNorm, dense, embed, swiglu
 
 Dtype = Any
 PARALLEL_MODES = ("patch", "standard")
+# Rematerialisation of each transformer block when training: what the backward pass keeps.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.checkpoint_dots}
 ROPE_BASE = 10000.0
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -39,6 +43,11 @@ class BitDanceConfig:
     ``parallel_num`` tokens are predicted per AR step (1 = the reference's model.py, no query
     tokens and an MLP head; > 1 = model_parallel.py). ``parallel_mode='patch'`` orders the
     latents in p x p patches (p = sqrt(parallel_num)); ``'standard'`` keeps raster order.
+
+    ``remat`` ("none", "full", "dots") and ``scan_layers`` trade memory and compile time,
+    never results. ``scan_layers`` also changes the param layout: the blocks' params are
+    stacked under ``layers`` (leading axis, logical name "layers") instead of ``layers_<i>``
+    (see ``stack_layer_params``); ported and saved directories always hold ``layers_<i>``.
     """
     dim: int
     n_layer: int
@@ -56,6 +65,8 @@ class BitDanceConfig:
     time_shift: float = 1.0
     P_mean: float = -0.8
     P_std: float = 0.8
+    remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         for name in ("dim", "n_layer", "n_head", "diff_layers", "diff_dim", "diff_adanln_layers",
@@ -65,6 +76,10 @@ class BitDanceConfig:
         patching.patch_side(self.parallel_num)
         if self.parallel_mode not in PARALLEL_MODES:
             raise ValueError(f"parallel_mode must be one of {PARALLEL_MODES}, got {self.parallel_mode!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+        if not isinstance(self.scan_layers, (bool, np.bool_)):
+            raise ValueError(f"scan_layers must be a bool, got {self.scan_layers!r}")
         if self.dim % self.n_head or (self.dim // self.n_head) % 4:
             raise ValueError(f"dim {self.dim} / n_head {self.n_head} must give a head size "
                              "divisible by 4 (2D rotary embedding)")
@@ -166,7 +181,8 @@ DEFAULT_CFG_SCALES = {"BitDance-B-1x": 3.2, "BitDance-B-4x": 3.9, "BitDance-B-16
 
 def released_name(config: BitDanceConfig) -> str | None:
     """Name of the released architecture ``config`` has (schedule values aside), if any."""
-    arch = dataclasses.replace(config, diff_batch_mul=4, time_shift=1.0, P_mean=-0.8, P_std=0.8)
+    arch = dataclasses.replace(config, diff_batch_mul=4, time_shift=1.0, P_mean=-0.8, P_std=0.8,
+                               remat="none", scan_layers=False)
     return next((name for name, c in RELEASED_MODELS.items() if c == arch), None)
 
 
@@ -292,7 +308,8 @@ class BitDanceBackbone(nn.Module):
 
     ``__call__(tokens, class_ids)``: teacher-forced hidden states for the head [B, h*w, dim]
     from latents in token order [B, h*w, C]. ``prefill``/``step`` run the sampler's AR steps
-    on an explicit KV cache (``init_cache``).
+    on an explicit KV cache (``init_cache``); they need ``scan_layers=False`` (the sampler
+    runs ``inference_config`` on unstacked params).
     """
     config: BitDanceConfig
     dtype: Dtype = jnp.float32
@@ -311,7 +328,16 @@ class BitDanceBackbone(nn.Module):
                 (1, cfg.parallel_num - 1, cfg.dim), self.param_dtype)
         self.proj_in = MLPConnector(cfg.dim, **kw)
         self.emb_norm = RMSNorm(**kw)
-        self.layers = [TransformerBlock(cfg.n_head, cfg.ffn_hidden, **kw) for _ in range(cfg.n_layer)]
+        block = TransformerBlock
+        if cfg.remat != "none":
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                                  in_axes=(nn.broadcast,) * 3, length=cfg.n_layer,
+                                  metadata_params={nn.PARTITION_NAME: "layers"}
+                                  )(cfg.n_head, cfg.ffn_hidden, **kw)
+        else:
+            self.layers = [block(cfg.n_head, cfg.ffn_hidden, **kw) for _ in range(cfg.n_layer)]
         self.norm = RMSNorm(**kw)
         self.pos_for_diff = embed(cfg.num_tokens, cfg.dim, axes=(None, "embed"), **kw)
 
@@ -340,6 +366,12 @@ class BitDanceBackbone(nn.Module):
         return self.emb_norm(x)
 
     def _layers(self, x, cos, sin, mask, caches=None, start=None):
+        if self.config.scan_layers:
+            if caches is not None:
+                raise ValueError("the KV-cache path needs scan_layers=False: use "
+                                 "inference_config(config) and unstack_layer_params")
+            x, _ = self.layers(x, jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(mask))
+            return self.norm(x), None
         new_caches = []
         for i, layer in enumerate(self.layers):
             x, cache = layer(x, cos, sin, mask, None if caches is None else caches[i], start)
@@ -373,6 +405,54 @@ class BitDanceBackbone(nn.Module):
         x, caches = self._layers(self.emb_norm(self.proj_in(tokens)), cos, sin, mask, caches, start)
         pos = jax.lax.dynamic_slice_in_dim(self.pos_for_diff.embedding, step * p, p)
         return x + pos.astype(x.dtype), caches
+
+
+def inference_config(config: BitDanceConfig) -> BitDanceConfig:
+    """The config the KV-cache sampler runs: unscanned layers (params ``layers_<i>``), no remat."""
+    return dataclasses.replace(config, remat="none", scan_layers=False)
+
+
+def stack_layer_params(params: Mapping[str, Any], n_layer: int) -> dict:
+    """Backbone params with ``layers_0 .. layers_<n_layer-1>`` -> the ``scan_layers`` layout
+    (one ``layers`` subtree, each leaf stacked on a new leading axis). Other entries stay."""
+    missing = [f"layers_{i}" for i in range(n_layer) if f"layers_{i}" not in params]
+    if missing or "layers" in params:
+        raise ValueError(f"not an unscanned backbone tree of {n_layer} layers "
+                         f"(missing {missing[:3]}{', has layers' if 'layers' in params else ''})")
+    blocks = [params[f"layers_{i}"] for i in range(n_layer)]
+    out = {k: v for k, v in params.items() if not re.fullmatch(r"layers_\d+", k)}
+    if len(out) + n_layer != len(params):
+        raise ValueError(f"params hold more than {n_layer} layers")
+    out["layers"] = jax.tree.map(
+        lambda *xs: (np.stack if isinstance(xs[0], np.ndarray) else jnp.stack)(xs), *blocks)
+    return out
+
+
+def unstack_layer_params(params: Mapping[str, Any]) -> dict:
+    """Inverse of ``stack_layer_params``: the stacked ``layers`` subtree -> ``layers_<i>``."""
+    if "layers" not in params:
+        raise ValueError("not a scan_layers backbone tree: no 'layers' entry")
+    stacked = params["layers"]
+    n_layer = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(n_layer):
+        out[f"layers_{i}"] = jax.tree.map(lambda a: a[i], stacked)
+    return out
+
+
+def from_unscanned(params: Mapping[str, Any], config: BitDanceConfig) -> dict:
+    """{"model", "head", ...} params of the unscanned layout (ported / saved dirs, sampler)
+    -> the layout ``config`` trains with."""
+    if not config.scan_layers:
+        return dict(params)
+    return {**params, "model": stack_layer_params(params["model"], config.n_layer)}
+
+
+def to_unscanned(params: Mapping[str, Any], config: BitDanceConfig) -> dict:
+    """Inverse of ``from_unscanned``: params in ``config``'s layout -> unscanned."""
+    if not config.scan_layers:
+        return dict(params)
+    return {**params, "model": unstack_layer_params(params["model"])}
 
 
 def init_cache(config: BitDanceConfig, batch: int, dtype: Dtype = jnp.float32):

@@ -7,6 +7,7 @@ ported directory, sample images.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -20,7 +21,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from bitdance_jax import checkpoint, porting, sampler, sharding
 from bitdance_jax.diffusion_head import infer_head_config, port_head_state_dict
 from bitdance_jax.model import (DEFAULT_CFG_SCALES, MODEL_SIZES, RELEASED_MODELS,
-                                BitDanceConfig, abstract_backbone_params, released_name)
+                                BitDanceConfig, abstract_backbone_params, from_unscanned,
+                                inference_config, released_name, to_unscanned)
 from bitdance_jax.tokenizer import TokenizerConfig
 from bitdance_jax.tokenizer_api import (Tokenizer, infer_tokenizer_config,
                                         port_tokenizer_state_dict)
@@ -95,13 +97,14 @@ def settings_from_args(args) -> dict[str, Any]:
 
 
 def port_model_state_dict(sd: Mapping[str, Any], config: BitDanceConfig) -> dict:
-    """Strictly port backbone and head (``vae.*`` keys are left to the tokenizer)."""
+    """Strictly port backbone and head (``vae.*`` keys are left to the tokenizer), in the
+    layer layout of ``config`` (``scan_layers``)."""
     sd = {k: np.asarray(v) for k, v in sd.items()}
     model = porting.convert_state_dict(
         {k: v for k, v in sd.items() if not k.startswith((HEAD_PREFIX, VAE_PREFIX))},
-        abstract_backbone_params(config), what="BitDance transformer weights")
+        abstract_backbone_params(inference_config(config)), what="BitDance transformer weights")
     head = port_head_state_dict(sd, config.head_config, prefix=HEAD_PREFIX)
-    return {"model": model, "head": head}
+    return from_unscanned({"model": model, "head": head}, config)
 
 
 def _as_config(config) -> BitDanceConfig | None:
@@ -172,7 +175,11 @@ def port_imagenet_checkpoint(src_pt: str, dst: str, use_ema: bool = True,
 
 def save_model(dst: str, config: BitDanceConfig, params, tokenizer_config: TokenizerConfig,
                *, default_cfg_scale: float = 1.0, overwrite: bool = False, source: str = "") -> str:
-    """Write a (trained) model with its tokenizer: params {"model", "head", "tokenizer"}."""
+    """Write a (trained) model with its tokenizer: params {"model", "head", "tokenizer"} in
+    the layer layout of ``config``. The directory always holds the unscanned layout (and says
+    ``scan_layers: false``), so it loads whatever layout the writer trained with."""
+    params = to_unscanned(params, config)
+    config = dataclasses.replace(config, scan_layers=False)
     extra = {"tokenizer": tokenizer_config.to_dict(), "source": source,
              "released_name": released_name(config), "default_cfg_scale": float(default_cfg_scale)}
     return checkpoint.save_param_dir(dst, KIND, config.to_dict(), params, overwrite=overwrite,

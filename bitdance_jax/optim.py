@@ -13,6 +13,9 @@ import optax
 # Params whose path contains one of these names get no weight decay (the input projection,
 # the class embedding and the query tokens), besides every 1-D param (norms, biases).
 DEFAULT_NO_DECAY_NAMES = ("proj_in", "cls_embedding", "query_token")
+# A path segment with exactly this name holds params stacked on a leading layer axis
+# (``nn.scan``): that axis does not count towards the 1-D rule.
+STACKED_LAYERS_NAME = "layers"
 
 
 def lr_schedule(base_lr: float, *, warmup_steps: int, decay_start: int, total_steps: int,
@@ -49,10 +52,11 @@ def _path_names(path) -> list[str]:
 
 
 def weight_decay_mask(params, no_decay_names: Sequence[str] = DEFAULT_NO_DECAY_NAMES):
-    """True where a param is decayed: >= 2-D and no path segment names a no-decay module."""
+    """True where a param is decayed: >= 2-D (per layer, for stacked layers) and no path
+    segment names a no-decay module."""
     def decays(path, leaf):
         names = _path_names(path)
-        if jnp.ndim(leaf) < 2:
+        if jnp.ndim(leaf) - (STACKED_LAYERS_NAME in names) < 2:
             return False
         return not any(bad in name for name in names for bad in no_decay_names)
 

@@ -24,7 +24,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bitdance_jax import flow, patching, sharding
-from bitdance_jax.model import BitDanceBackbone, BitDanceConfig, head_apply, init_cache
+from bitdance_jax.model import (BitDanceBackbone, BitDanceConfig, head_apply, inference_config,
+                                init_cache, unstack_layer_params)
 
 Dtype = Any
 NoiseFn = Callable[[jax.Array], jax.Array]
@@ -46,8 +47,10 @@ def generate(config: BitDanceConfig, params, class_ids, cfg_scale, noise_fn: Noi
     = 2B when guided (from step 1 on only the first B are used) else B.
     With ``record`` also returns (head conditioning [steps, rows, P, dim], head prediction
     before the sign [steps, rows, P, C]).
+    The KV cache runs unscanned blocks: ``params["model"]`` must have the ``layers_<i>``
+    layout whatever ``config.scan_layers`` says (``Sampler`` unstacks scanned params).
     """
-    cfg = config
+    cfg = inference_config(config)
     backbone = BitDanceBackbone(cfg, dtype=dtype, param_dtype=jnp.float32)
     net_fn = head_apply(cfg, params["head"], dtype)
     model_vars = {"params": params["model"]}
@@ -131,7 +134,8 @@ def _sharded_program(config: BitDanceConfig, dtype, mesh, batch: int, num_sampli
 
 class Sampler:
     """Public sampler: validates input, shards the batch over the mesh's ``data`` axis and
-    reuses one compiled program per (model, mesh, batch, head steps, guided)."""
+    reuses one compiled program per (model, mesh, batch, head steps, guided). Takes params
+    in either layer layout (scanned ones are unstacked once, when placed)."""
 
     def __init__(self, config: BitDanceConfig, dtype: Dtype = jnp.float32, mesh=None):
         self.config = config
@@ -158,12 +162,15 @@ class Sampler:
         return ids.astype(np.int32)
 
     def _program(self, batch: int, num_sampling_steps: int, guided: bool):
-        return _sharded_program(self.config, self.dtype, self.mesh, batch, num_sampling_steps,
+        return _sharded_program(inference_config(self.config), self.dtype, self.mesh, batch, num_sampling_steps,
                                 guided)
 
     def _replicated(self, params):
         if self._placed[0] is not params:
-            self._placed = (params, jax.device_put(params, NamedSharding(self.mesh, P())))
+            placed = {"model": params["model"], "head": params["head"]}
+            if "layers" in placed["model"]:
+                placed["model"] = unstack_layer_params(placed["model"])
+            self._placed = (params, jax.device_put(placed, NamedSharding(self.mesh, P())))
         return self._placed[1]
 
     def prepare(self, params, class_ids: Sequence[int], *, seed: int = 0, cfg_scale: float = 1.0,

@@ -10,7 +10,7 @@ import numpy as np
 
 from bitdance_jax import data as data_lib
 from bitdance_jax import images as image_lib
-from bitdance_jax.model import BitDanceConfig, bitdance_loss, init_params
+from bitdance_jax.model import BitDanceConfig, bitdance_loss, from_unscanned, init_params
 from bitdance_jax.tokenizer import quantize_signs
 from bitdance_jax.tokenizer_api import load_tokenizer
 
@@ -84,7 +84,9 @@ class BitDanceTask:
         if "model" not in params or "head" not in params:
             raise ValueError(f"{self.config.init_from} holds no BitDance model params "
                              "(expected 'model' and 'head')")
-        return {"model": params["model"], "head": params["head"]}
+        # directories hold the unscanned layout; train in the configured one
+        return from_unscanned({"model": params["model"], "head": params["head"]},
+                              self.model_config)
 
     # -- samples / export ------------------------------------------------------------
     def sample_class_ids(self) -> np.ndarray:

@@ -78,7 +78,9 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
         # BitDanceConfig fields; latent_dim and grid_size come from the tokenizer and image size.
         c.model = ml_collections.ConfigDict(dict(
             num_classes=1000, parallel_num=1, parallel_mode="patch", cls_token_num=64,
-            diff_batch_mul=4, P_mean=-0.8, P_std=0.8, time_shift=1.0, **MODEL_SIZES["B"]))
+            diff_batch_mul=4, P_mean=-0.8, P_std=0.8, time_shift=1.0, **MODEL_SIZES["B"],
+            remat="none",         # none | full | dots: rematerialise each block's activations
+            scan_layers=False))   # nn.scan over the blocks (stacked params, faster compile)
         c.loss = ml_collections.ConfigDict(dict(bit_flip_rate=0.1, label_drop=0.1))
         c.sample = ml_collections.ConfigDict(dict(cfg_scale=4.0, num_steps=50, per_class=4,
                                                   classes=(), seed=0))

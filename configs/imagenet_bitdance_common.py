@@ -29,6 +29,10 @@ def imagenet_bitdance(size: str, parallel_num: int):
     c.compute_dtype = "bfloat16"
     # B fits data parallelism; L and H shard params and optimizer state (FSDP) over all devices.
     c.mesh = (-1, 1, 1) if size == "B" else (1, -1, 1)
+    # One scanned block compiles once for all layers; L/H keep only the block inputs for the
+    # backward pass, B also keeps the matmul outputs (memory, not results, differ).
+    c.model.scan_layers = True
+    c.model.remat = "dots" if size == "B" else "full"
     c.optim.update(dict(lr=6e-4, min_lr=1e-5, warmup_steps=20000, decay_start=20000,
                         b1=0.9, b2=0.95, weight_decay=0.05, clip_norm=1.0, ema_decay=0.9999))
     c.log_every = 100
