@@ -71,7 +71,14 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
     if kind == "tokenizer":
         c.tokenizer = tokenizer_config()
         c.tokenizer_loss = ml_collections.ConfigDict(dict(
-            l1_weight=1.0, l2_weight=1.0, entropy_weight=0.05, commitment_weight=0.25))
+            l1_weight=1.0, l2_weight=1.0, entropy_weight=0.05, commitment_weight=0.25,
+            # Perceptual term (> 0 needs perceptual_network = "module.path:factory", see
+            # bitdance_jax.tokenizer_losses; its features are frozen).
+            perceptual_weight=0.0, perceptual_network="",
+            # Adversarial term (> 0 adds a PatchGAN discriminator trained in the same step).
+            adversarial_weight=0.0, adversarial_start_step=0,
+            adversarial_loss="hinge",   # hinge | non_saturating
+            discriminator_weight=1.0, discriminator_ch=64, discriminator_layers=3))
     elif kind == "bitdance":
         c.tokenizer_dir = ""            # a trained / ported tokenizer directory (frozen)
         c.tokenizer_from_stage = ""     # pipeline: take the tokenizer exported by that stage

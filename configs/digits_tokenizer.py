@@ -1,5 +1,8 @@
 """Tiny binary tokenizer on scikit-learn's digits: 32x32 images -> a 4x4 grid of 32-bit tokens
-(8x down, 4 groups of 8 bits, like ae_d16c32's 32 bits), about 3 minutes on 2 CPU cores."""
+(8x down, 4 groups of 8 bits, like ae_d16c32's 32 bits), about 3 minutes on 2 CPU cores.
+Smoke-test the optional terms with --config.tokenizer_loss.adversarial_weight=0.1 and
+--config.tokenizer_loss.perceptual_weight=1.0
+--config.tokenizer_loss.perceptual_network=bitdance_jax.tokenizer_losses:random_conv_features"""
 from bitdance_jax.train_config import base_config, tokenizer_config
 
 
