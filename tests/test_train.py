@@ -46,12 +46,7 @@ def tiny_config(**kw):
     c.log_every = 2
     c.checkpoint.every_steps = 2
     c.checkpoint.keep = 2
-    for k, v in kw.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
+    c.update_from_flattened_dict(kw)
     return c
 
 

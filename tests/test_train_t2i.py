@@ -67,12 +67,7 @@ def tiny_config(tokenizer_dir, **kw):
     c.optim.ema_decay = 0.5
     c.log_every = 4
     c.checkpoint.every_steps = 4
-    for k, v in kw.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
+    c.update_from_flattened_dict(kw)
     return c
 
 
