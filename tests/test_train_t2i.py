@@ -24,19 +24,7 @@ from bitdance_jax.train_t2i import (T2IModel, T2ITask, apply_caption_drop, packe
 CAPTIONS = [data_t2i.digit_caption(d) for d in range(10)] + [
     "a handwritten digit seven drawn with a thick black pen on white paper"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The training runs compile the same step: share it through the persistent cache."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(keys[1], 0.0)
-    jax.config.update(keys[2], 0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")
