@@ -142,11 +142,7 @@ def infer_head_config(shapes: Mapping[str, Any], variant: str, prefix: str = "ne
     given in ``overrides`` (schedule values too: time_shift, P_mean, P_std, diff_batch_mul).
     """
     def shape(key):
-        full = prefix + key
-        if full not in shapes:
-            raise porting.PortingError(f"no {full!r} in the head weights")
-        value = shapes[full]
-        return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+        return porting.key_shape(shapes, prefix + key, "diffusion head weights")
 
     def count(group):
         head = f"{prefix}{group}."

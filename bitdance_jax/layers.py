@@ -14,6 +14,9 @@ from flax import linen as nn
 
 Dtype = Any
 
+# Names accepted for compute/param dtypes in configs and command lines.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 def torch_linear_init():
     """PyTorch's default Linear/Conv init (kaiming-uniform a=sqrt(5) -> U(+-1/sqrt(fan_in)))."""

@@ -37,10 +37,7 @@ SCHEDULE_KEYS = ("parallel_mode", "diff_batch_mul", "time_shift", "P_mean", "P_s
 
 
 def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
-    if key not in sd:
-        raise porting.PortingError(f"not a class-conditional BitDance checkpoint: no {key!r}")
-    v = sd[key]
-    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+    return porting.key_shape(sd, key, "a class-conditional BitDance checkpoint")
 
 
 def weight_fields(sd: Mapping[str, Any]) -> dict[str, int]:

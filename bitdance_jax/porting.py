@@ -108,6 +108,15 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_params, *,
     return traverse_util.unflatten_dict(out)
 
 
+def key_shape(state_dict: Mapping[str, Any], key: str, what: str) -> tuple[int, ...]:
+    """Shape of ``state_dict[key]`` (an array or a bare shape); a PortingError saying the
+    file is not ``what`` when the key is absent. Used to infer architectures."""
+    if key not in state_dict:
+        raise PortingError(f"not {what}: missing key {key!r}")
+    value = state_dict[key]
+    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+
 def raise_if_mismatch(what: str, missing, extra, bad_shape) -> None:
     """One PortingError naming every missing, unexpected and mis-shaped key (if any)."""
     problems = []

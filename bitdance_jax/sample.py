@@ -17,13 +17,12 @@ import os
 import shutil
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 
 from bitdance_jax import images as image_lib
 from bitdance_jax.model_api import DEFAULT_SAMPLING_STEPS, load_model
+from bitdance_jax.layers import DTYPES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PARTS_MANIFEST = "run.json"
 
 

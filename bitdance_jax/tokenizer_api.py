@@ -24,9 +24,7 @@ def infer_tokenizer_config(state_dict: Mapping[str, np.ndarray], prefix: str = "
     weights; by default each group holds 8 bits (ae_d16c32: 4 groups).
     """
     def shape(key):
-        if prefix + key not in state_dict:
-            raise porting.PortingError(f"not a BitDance tokenizer: missing key {prefix + key}")
-        return tuple(np.shape(state_dict[prefix + key]))
+        return porting.key_shape(state_dict, prefix + key, "a BitDance tokenizer")
 
     ch, in_channels = shape("encoder.conv_in.weight")[:2]
     levels = sorted({int(m.group(1)) for k in state_dict

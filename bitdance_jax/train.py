@@ -33,12 +33,12 @@ from bitdance_jax import data as data_lib
 from bitdance_jax import images as image_lib
 from bitdance_jax import optim, sharding, tokenizer_losses
 from bitdance_jax.checkpoint import load_param_dir
+from bitdance_jax.layers import DTYPES
 from bitdance_jax.tokenizer import BinaryAutoencoder, TokenizerConfig, quantizer_losses
 
 log = logging.getLogger("bitdance_jax.train")
 
 KINDS = ("tokenizer", "bitdance", "t2i", "pipeline")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Dense peak FLOP/s per chip (bf16) by jax device_kind prefix, for the MFU estimate.
 PEAK_FLOPS = (

@@ -10,11 +10,10 @@ import numpy as np
 
 from bitdance_jax import data as data_lib
 from bitdance_jax import images as image_lib
+from bitdance_jax.layers import DTYPES
 from bitdance_jax.model import BitDanceConfig, bitdance_loss, from_unscanned, init_params
 from bitdance_jax.tokenizer import quantize_signs
 from bitdance_jax.tokenizer_api import load_tokenizer
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def model_config_from(config, tokenizer) -> BitDanceConfig:

@@ -28,12 +28,12 @@ from bitdance_jax import checkpoint, data_t2i, patching, qwen3, t2i
 from bitdance_jax import images as image_lib
 from bitdance_jax.diffusion_head import DiffusionNet, example_inputs
 from bitdance_jax.flow import flow_matching_loss
+from bitdance_jax.layers import DTYPES
 from bitdance_jax.model import flip_bits
 from bitdance_jax.tokenizer import quantize_signs
 from bitdance_jax.tokenizer_api import load_tokenizer
 from bitdance_jax.train_config import base_config
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TEXT_TOKENIZER_FILE = "tokenizer.json"
 LATENT_CACHE_META = "t2i_latent_cache.json"
 

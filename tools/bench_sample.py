@@ -19,18 +19,17 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bitdance_jax.diffusion_head import abstract_head_params  # noqa: E402
+from bitdance_jax.layers import DTYPES  # noqa: E402
 from bitdance_jax.model import BitDanceConfig, abstract_backbone_params  # noqa: E402
 from bitdance_jax.model_api import load_model  # noqa: E402
 from bitdance_jax.sampler import Sampler  # noqa: E402
 from configs.bitdance_models import MODELS  # noqa: E402
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def random_params(config: BitDanceConfig, seed: int = 0) -> dict:
