@@ -6,7 +6,15 @@ setup(
     version="0.1.0",
     description="JAX/Flax reimplementation of BitDance (arXiv 2602.14041)",
     packages=find_packages(include=["bitdance_jax", "bitdance_jax.*"]),
+    package_data={"bitdance_jax": ["configs/*.py"]},
     python_requires=">=3.10",
+    entry_points={"console_scripts": [
+        "bitdance-train = bitdance_jax.train.cli:main",
+        "bitdance-sample = bitdance_jax.c2i.cli:main",
+        "bitdance-t2i = bitdance_jax.t2i.cli:main",
+        "bitdance-port = bitdance_jax.porting.cli:main",
+        "bitdance-tokenize = bitdance_jax.tokenizer.cli:main",
+    ]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

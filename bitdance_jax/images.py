@@ -31,12 +31,23 @@ def load_image(path: str, size: int | tuple[int, int], mode: str = "center-crop"
         left, top = (im.width - side) // 2, (im.height - side) // 2
         im = im.crop((left, top, left + side, top + side))
     im = im.resize((w, h), Image.BICUBIC)
-    return np.asarray(im, np.float32) / 127.5 - 1.0
+    return from_uint8(np.asarray(im))
+
+
+def from_uint8(images):
+    """uint8 [0,255] -> float32 in [-1,1]; numpy or jax arrays (the one place of this scaling)."""
+    return images.astype(np.float32) / 127.5 - 1.0
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Float images in [-1,1] -> uint8 [0,255] (clipped)."""
+    """Float images in [-1,1] -> uint8 [0,255], rounded and clipped (grids, round trips)."""
     return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def to_uint8_like_reference(images) -> np.ndarray:
+    """Float images in [-1,1] -> uint8 as the reference writes samples: clamp(127.5 x + 128, 0,
+    255) truncated, so sample files match its evaluation inputs bit for bit."""
+    return np.clip(127.5 * np.asarray(images, np.float32) + 128.0, 0, 255).astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:

@@ -5,7 +5,7 @@
 #
 #   launch/tpu_vm.sh create                      # make the slice (once)
 #   launch/tpu_vm.sh setup                       # copy this checkout + pip install (once)
-#   launch/tpu_vm.sh train configs/imagenet_bitdance_b_4x.py gs://BUCKET/runs/b4x \
+#   launch/tpu_vm.sh train configs/imagenet_bitdance.py:B,4 gs://BUCKET/runs/b4x \
 #       --config.tokenizer_dir=gs://BUCKET/ae_d16c32 --config.data.source=tfds \
 #       --config.data.path=gs://BUCKET/tensorflow_datasets
 #   launch/tpu_vm.sh delete

@@ -1,4 +1,4 @@
-"""Access to ../shared/golden: the manifest's cases, their arrays and tolerances."""
+"""Access to the golden fixtures (tests/fixtures/golden, a copy of the reference's outputs): the manifest's cases, their arrays and tolerances. ``BITDANCE_GOLDEN`` points elsewhere."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 
 GOLDEN_DIR = os.environ.get(
     "BITDANCE_GOLDEN",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "golden"))
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "golden"))
 
 
 def path(*parts: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -22,14 +21,13 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bitdance_jax.diffusion_head import abstract_head_params  # noqa: E402
-from bitdance_jax.layers import DTYPES  # noqa: E402
-from bitdance_jax.model import BitDanceConfig, abstract_backbone_params  # noqa: E402
-from bitdance_jax.model_api import load_model  # noqa: E402
-from bitdance_jax.sampler import Sampler  # noqa: E402
-from configs.bitdance_models import MODELS  # noqa: E402
+from bitdance_jax.nn.diffusion_head import abstract_head_params
+from bitdance_jax.nn.layers import DTYPES
+from bitdance_jax.c2i.model import BitDanceConfig, abstract_backbone_params
+from bitdance_jax.c2i.api import load_model
+from bitdance_jax.c2i.sampler import Sampler
+from bitdance_jax.configs.bitdance_models import MODELS
 
 
 def random_params(config: BitDanceConfig, seed: int = 0) -> dict:

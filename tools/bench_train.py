@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def matmul_flops_per_device(n: int = 2048, repeats: int = 5) -> float:
@@ -41,15 +40,13 @@ def random_tokenizer_dir(image_size: int) -> str:
     ae_d16c32 for ImageNet sizes, the digits tokenizer for small images."""
     import jax
     from flax import linen as nn
-    from bitdance_jax.tokenizer import AE_D16C32, BinaryAutoencoder, TokenizerConfig
-    from bitdance_jax.tokenizer_api import save_tokenizer
-    from bitdance_jax.train import load_config_file
+    from bitdance_jax.tokenizer.model import AE_D16C32, BinaryAutoencoder, TokenizerConfig
+    from bitdance_jax.tokenizer.api import save_tokenizer
+    from bitdance_jax.configs import digits_tokenizer
     if image_size > 64:
         tok = AE_D16C32
     else:
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        tok = TokenizerConfig(**load_config_file(os.path.join(here, "configs", "digits_tokenizer.py"))
-                              .tokenizer.to_dict())
+        tok = TokenizerConfig(**digits_tokenizer.get_config().tokenizer.to_dict())
     f = tok.downsample_factor
     params = nn.unbox(BinaryAutoencoder(tok).init(
         jax.random.PRNGKey(0), np.zeros((1, f, f, 3), np.float32))["params"])
@@ -81,11 +78,14 @@ def main(argv=None) -> int:
     args = parser.parse_args([a for a in argv[1:] if not a.startswith("--config.")])
 
     import jax
-    from bitdance_jax import train
-    config = train.load_config_file(args.config)
-    for a in overrides:
-        dotted, text = a[len("--config."):].split("=", 1)
-        train.apply_override(config, dotted, text)
+    from bitdance_jax.train.metrics import peak_flops_per_device, step_flops
+    from bitdance_jax.train import trainer as train
+    from bitdance_jax.train.cli import UsageError, parse_args
+    try:
+        config, _, _ = parse_args([argv[0], "--config", args.config, "--workdir", "unused"]
+                                  + overrides)
+    except UsageError as e:
+        raise SystemExit(f"error: {e}") from None
     if config.kind == "pipeline":
         raise SystemExit("error: benchmark one stage's config (e.g. configs/digits_bitdance.py)")
     if config.kind == "bitdance" and not config.tokenizer_dir:
@@ -109,8 +109,8 @@ def main(argv=None) -> int:
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
-    flops = train.step_flops(step)
-    peak = train.peak_flops_per_device(config)
+    flops = step_flops(step)
+    peak = peak_flops_per_device(config)
     out = {
         "config": args.config, "overrides": overrides, "kind": config.kind,
         "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,

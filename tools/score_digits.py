@@ -16,9 +16,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bitdance_jax.digits_score import score_samples  # noqa: E402
+from bitdance_jax.evaluation.digits_score import score_samples
 
 
 def find_samples(path: str) -> str:
@@ -43,7 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     if args.model:
-        from bitdance_jax.model_api import load_model
+        from bitdance_jax.c2i.api import load_model
         model = load_model(args.model)
         labels = np.repeat(np.arange(model.config.num_classes, dtype=np.int32), args.per_class)
         images = model.sample(labels, seed=args.seed, cfg_scale=args.cfg_scale,

@@ -1,0 +1,1 @@
+"""Class-conditional BitDance (ImageNet B/L/H): backbone, jitted sampler, loading and command line."""

@@ -1,0 +1,118 @@
+"""User-facing class-conditional BitDance: load a ported or trained directory, sample images.
+
+    import bitdance_jax as bd
+    model = bd.load_model(DIR)
+    images = model.sample(class_ids=[207, 360], seed=0, cfg_scale=4.0)   # uint8 [B, H, W, 3]
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bitdance_jax import images as image_lib
+from bitdance_jax.c2i import sampler
+from bitdance_jax.c2i.model import BitDanceConfig, released_name, to_unscanned
+from bitdance_jax.checkpointing import param_dir
+from bitdance_jax.parallel import sharding
+from bitdance_jax.tokenizer.api import Tokenizer
+from bitdance_jax.tokenizer.model import TokenizerConfig
+
+KIND = "bitdance_c2i"
+DEFAULT_SAMPLING_STEPS = 100   # Euler-Maruyama steps of the head per AR step (reference default)
+
+
+def save_model(dst: str, config: BitDanceConfig, params, tokenizer_config: TokenizerConfig,
+               *, default_cfg_scale: float = 1.0, overwrite: bool = False, source: str = "") -> str:
+    """Write a (trained) model with its tokenizer: params {"model", "head", "tokenizer"} in
+    the layer layout of ``config``. The directory always holds the unscanned layout (and says
+    ``scan_layers: false``), so it loads whatever layout the writer trained with."""
+    params = to_unscanned(params, config)
+    config = dataclasses.replace(config, scan_layers=False)
+    extra = {"tokenizer": tokenizer_config.to_dict(), "source": source,
+             "released_name": released_name(config), "default_cfg_scale": float(default_cfg_scale)}
+    return param_dir.save_param_dir(dst, KIND, config.to_dict(), params, overwrite=overwrite,
+                                     extra=extra)
+
+
+class BitDanceModel:
+    """A loaded class-conditional model with its tokenizer."""
+
+    def __init__(self, config: BitDanceConfig, params, tokenizer: Tokenizer, *,
+                 default_cfg_scale: float = 1.0, dtype=jnp.float32, mesh=None,
+                 decode_chunk: int = 32):
+        if tokenizer.config.z_channels != config.latent_dim:
+            raise ValueError(f"tokenizer has {tokenizer.config.z_channels} latent channels, "
+                             f"the model {config.latent_dim}")
+        self.config = config
+        self.params = {"model": params["model"], "head": params["head"]}
+        self.tokenizer = tokenizer
+        self.default_cfg_scale = float(default_cfg_scale)
+        self.sampler = sampler.Sampler(config, dtype=dtype, mesh=mesh)
+        self.decode_chunk = decode_chunk
+        self._decode = jax.jit(functools.partial(tokenizer.model.apply, method="decode"))
+        self._tokenizer_params = None
+
+    @property
+    def image_size(self) -> int:
+        return self.config.grid_size * self.tokenizer.downsample_factor
+
+    def sample_latents(self, class_ids: Sequence[int], seed: int = 0, cfg_scale: float | None = None,
+                       num_sampling_steps: int = DEFAULT_SAMPLING_STEPS,
+                       sample_indices: Sequence[int] | None = None) -> np.ndarray:
+        """Binary latents [B, h, w, C] (NHWC). Sample i depends only on (seed, sample_indices[i],
+        class, cfg, steps); ``sample_indices`` defaults to 0..B-1."""
+        cfg_scale = self.default_cfg_scale if cfg_scale is None else float(cfg_scale)
+        return self.sampler.sample(self.params, class_ids, seed=seed, cfg_scale=cfg_scale,
+                                   num_sampling_steps=num_sampling_steps,
+                                   sample_indices=sample_indices)
+
+    def decode(self, latents) -> np.ndarray:
+        """Latents [B, h, w, C] -> uint8 images [B, H, W, 3] (the reference's rounding:
+        clamp(127.5 x + 128, 0, 255) truncated). Chunks of ``decode_chunk`` images are split
+        over the mesh's data axis."""
+        latents = np.asarray(latents, np.float32)
+        if self.tokenizer.config.gan_decoder:
+            images = self.tokenizer.decode(latents)
+        else:
+            mesh = self.sampler.mesh
+            shards = self.sampler.num_shards
+            if self._tokenizer_params is None:
+                self._tokenizer_params = jax.device_put(self.tokenizer.params,
+                                                        sharding.replicated(mesh))
+            chunk = -(-self.decode_chunk // shards) * shards
+            images = []
+            for i in range(0, len(latents), chunk):
+                part = latents[i:i + chunk]
+                padded = np.pad(part, ((0, -len(part) % shards),) + ((0, 0),) * 3)
+                out = self._decode({"params": self._tokenizer_params},
+                                   jax.device_put(padded, NamedSharding(mesh, PartitionSpec("data"))))
+                images.append(np.asarray(out)[:len(part)])
+            images = np.concatenate(images)
+        return image_lib.to_uint8_like_reference(images)
+
+    def sample(self, class_ids: Sequence[int], seed: int = 0, cfg_scale: float | None = None,
+               num_sampling_steps: int = DEFAULT_SAMPLING_STEPS,
+               sample_indices: Sequence[int] | None = None) -> np.ndarray:
+        """uint8 images [B, H, W, 3] of the given ImageNet classes."""
+        return self.decode(self.sample_latents(class_ids, seed, cfg_scale, num_sampling_steps,
+                                               sample_indices))
+
+
+def load_model(path: str, dtype=jnp.float32, mesh=None) -> BitDanceModel:
+    """Load a ported (or trained) class-conditional directory."""
+    meta = param_dir.read_meta(path)
+    if meta.get("kind") != KIND:
+        raise param_dir.CheckpointError(f"{path} holds a '{meta.get('kind')}' checkpoint, not a "
+                                         f"class-conditional BitDance model ('{KIND}')")
+    _, params = param_dir.load_param_dir(path, KIND)
+    config = BitDanceConfig.from_dict(meta["config"])
+    # the decoder stays in float32 whatever the transformer's compute dtype
+    tokenizer = Tokenizer(TokenizerConfig(**meta["tokenizer"]), params["tokenizer"])
+    return BitDanceModel(config, params, tokenizer, default_cfg_scale=meta.get("default_cfg_scale", 1.0),
+                         dtype=dtype, mesh=mesh)

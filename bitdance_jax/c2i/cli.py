@@ -1,0 +1,147 @@
+"""Sample a class-conditional BitDance model.
+
+    python -m bitdance_jax.sample --ckpt DIR --class-ids 207,360,387 --cfg-scale 4 --out grid.png
+    python -m bitdance_jax.sample --ckpt DIR --num-samples 50000 --npz samples.npz
+
+The ``--npz`` path writes uint8 NHWC ``arr_0`` (the ADM evaluation suite's format). It runs
+in chunks of ``--batch-size`` images saved under ``<npz>.parts/``; a rerun with the same
+settings skips the chunks already there. Sample g has class g // (N / num_classes) (balanced,
+in order, as the reference's FID script; classes cycle when N < num_classes) and its noise
+depends only on (seed, g), so the result does not depend on chunking or device count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from bitdance_jax import images as image_lib
+from bitdance_jax.c2i.api import DEFAULT_SAMPLING_STEPS, load_model
+from bitdance_jax.nn.layers import DTYPES
+
+PARTS_MANIFEST = "run.json"
+
+
+def parse_class_ids(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--class-ids must be comma-separated integers, got {text!r}") from None
+
+
+def fid_class_labels(num_samples: int, num_classes: int) -> np.ndarray:
+    """Balanced labels in order (num_samples // num_classes per class), then cycling."""
+    per_class = max(1, num_samples // num_classes)
+    g = np.arange(num_samples)
+    balanced = g // per_class
+    return np.where(balanced < num_classes, balanced, g % num_classes).astype(np.int32)
+
+
+def sample_npz(model, out: str, num_samples: int, *, seed: int, cfg_scale: float, steps: int,
+               batch_size: int, class_ids: list[int] | None = None, max_chunks: int | None = None,
+               progress: bool = True) -> str | None:
+    """Sample ``num_samples`` images into ``out`` (.npz, arr_0 uint8 NHWC), resumably.
+
+    Returns the path, or None when ``max_chunks`` stopped the run before the end."""
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError("--num-samples and --batch-size must be >= 1")
+    labels = (np.resize(np.asarray(class_ids, np.int32), num_samples) if class_ids
+              else fid_class_labels(num_samples, model.config.num_classes))
+    parts = out + ".parts"
+    run = {"num_samples": num_samples, "seed": seed, "cfg_scale": cfg_scale, "steps": steps,
+           "batch_size": batch_size, "labels_sum": int(labels.astype(np.int64).sum()),
+           "config": model.config.to_dict()}
+    manifest = os.path.join(parts, PARTS_MANIFEST)
+    if os.path.isdir(parts) and os.path.exists(manifest):
+        with open(manifest) as f:
+            if json.load(f) != run:
+                raise ValueError(f"{parts} holds chunks of a run with other settings; remove it "
+                                 "or sample to another file")
+    os.makedirs(parts, exist_ok=True)
+    with open(manifest, "w") as f:
+        json.dump(run, f)
+    num_chunks = -(-num_samples // batch_size)
+    chunk_path = lambda k: os.path.join(parts, f"chunk_{k:06d}.npy")
+    todo = [k for k in range(num_chunks) if not os.path.exists(chunk_path(k))]
+    from tqdm import tqdm
+    bar = tqdm(total=num_samples, initial=num_samples - sum(
+        min(batch_size, num_samples - k * batch_size) for k in todo),
+        unit="img", desc="sampling", disable=not progress)
+    for done, k in enumerate(todo):
+        if max_chunks is not None and done >= max_chunks:
+            bar.close()
+            return None
+        # a short last chunk is padded to the batch size: one compiled program for all
+        idx = np.arange(k * batch_size, (k + 1) * batch_size)
+        count = min(batch_size, num_samples - k * batch_size)
+        imgs = model.sample(labels[np.minimum(idx, num_samples - 1)], seed=seed,
+                            cfg_scale=cfg_scale, num_sampling_steps=steps,
+                            sample_indices=idx)[:count]
+        tmp = chunk_path(k) + ".tmp.npy"
+        np.save(tmp, imgs)
+        os.replace(tmp, chunk_path(k))
+        bar.update(count)
+    bar.close()
+    arr = np.concatenate([np.load(chunk_path(k)) for k in range(num_chunks)])
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp.npz"
+    np.savez(tmp, arr_0=arr)
+    os.replace(tmp, out)
+    shutil.rmtree(parts)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="ported/trained model directory")
+    ap.add_argument("--class-ids", help="comma-separated ImageNet class ids, e.g. 207,360,387")
+    ap.add_argument("--cfg-scale", type=float, default=None,
+                    help="classifier-free guidance (default: the model's, e.g. 3.9 for B-4x)")
+    ap.add_argument("--steps", type=int, default=DEFAULT_SAMPLING_STEPS,
+                    help="Euler-Maruyama steps of the diffusion head per AR step")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype")
+    ap.add_argument("--out", help="PNG grid of the --class-ids samples")
+    ap.add_argument("--ncol", type=int, default=None, help="grid columns")
+    ap.add_argument("--num-samples", type=int, help="number of samples for --npz")
+    ap.add_argument("--npz", help="write arr_0 uint8 NHWC samples (FID evaluation)")
+    ap.add_argument("--batch-size", type=int, default=64, help="samples per chunk (--npz)")
+    ap.add_argument("--max-chunks", type=int, default=None,
+                    help="stop after this many new chunks (resume later)")
+    args = ap.parse_args(argv)
+    try:
+        if bool(args.out) == bool(args.npz):
+            raise ValueError("give exactly one of --out (PNG grid) or --npz (with --num-samples)")
+        class_ids = parse_class_ids(args.class_ids) if args.class_ids else None
+        model = load_model(args.ckpt, dtype=DTYPES[args.dtype])
+        cfg_scale = model.default_cfg_scale if args.cfg_scale is None else args.cfg_scale
+        if args.out:
+            if not class_ids:
+                raise ValueError("--out needs --class-ids")
+            imgs = model.sample(class_ids, seed=args.seed, cfg_scale=cfg_scale,
+                                num_sampling_steps=args.steps)
+            image_lib.save_png(image_lib.make_grid(imgs, args.ncol), args.out)
+            print(f"wrote {args.out} ({len(imgs)} samples, cfg {cfg_scale})")
+        else:
+            if not args.num_samples:
+                raise ValueError("--npz needs --num-samples")
+            if class_ids:
+                model.sampler.check_inputs(class_ids, cfg_scale, args.steps)
+            path = sample_npz(model, args.npz, args.num_samples, seed=args.seed,
+                              cfg_scale=cfg_scale, steps=args.steps, batch_size=args.batch_size,
+                              class_ids=class_ids, max_chunks=args.max_chunks)
+            print(f"wrote {path}" if path else f"stopped after {args.max_chunks} chunk(s); "
+                  "rerun to resume")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

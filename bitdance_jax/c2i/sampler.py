@@ -1,0 +1,200 @@
+"""Jitted next-patch sampler of the class-conditional models.
+
+One compiled program per (model, batch, head steps, guided?) runs every AR step: step 0
+feeds the class and query slots, then a ``fori_loop`` feeds the P tokens of the previous
+step into a preallocated KV cache; each step's conditioning goes through the head's
+Euler-Maruyama sampler and the sign of its prediction gives the next P binary tokens.
+
+Classifier-free guidance doubles the batch ([cond; null class]) with the reference's linear
+schedule cfg_i = 1 + (cfg - 1) i / num_steps. As in the reference, step 0 has cfg_0 = 1 and is
+sampled unguided on all 2B rows, so the null-class rows get tokens of their own.
+
+Random draws come from a ``noise_fn(step) -> [head_steps + 1, rows, P, C]``. The public
+path (``Sampler``) derives each row's draws from its global sample index, so sample i is the
+same whatever the batch size or device count; tests plug in the reference's recorded draws.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bitdance_jax.nn import flow
+from bitdance_jax.nn import patching
+from bitdance_jax.parallel import sharding
+from bitdance_jax.c2i.model import (BitDanceBackbone, BitDanceConfig, head_apply, inference_config,
+                                init_cache, unstack_layer_params)
+
+Dtype = Any
+NoiseFn = Callable[[jax.Array], jax.Array]
+NULL_ROWS_FOLD = 1   # key(seed) -> fold 0: conditional rows, fold 1: null-class rows
+
+
+def cfg_schedule(cfg_scale, step, num_steps):
+    """Guidance of AR step ``step``: linear from 1 (step 0) towards ``cfg_scale``."""
+    return 1 + (jnp.asarray(cfg_scale, jnp.float32) - 1) * step / num_steps
+
+
+def generate(config: BitDanceConfig, params, class_ids, cfg_scale, noise_fn: NoiseFn, *,
+             num_sampling_steps: int, guided: bool, dtype: Dtype = jnp.float32,
+             record: bool = False):
+    """Sample binary tokens [B, h*w, C] (token order) for ``class_ids`` [B] (traceable).
+
+    ``guided`` (static) doubles the batch with null-class rows; ``cfg_scale`` may be traced.
+    ``noise_fn(step)`` returns the head's draws [num_sampling_steps + 1, rows, P, C] with rows
+    = 2B when guided (from step 1 on only the first B are used) else B.
+    With ``record`` also returns (head conditioning [steps, rows, P, dim], head prediction
+    before the sign [steps, rows, P, C]).
+    The KV cache runs unscanned blocks: ``params["model"]`` must have the ``layers_<i>``
+    layout whatever ``config.scan_layers`` says (``Sampler`` unstacks scanned params).
+    """
+    cfg = inference_config(config)
+    backbone = BitDanceBackbone(cfg, dtype=dtype, param_dtype=jnp.float32)
+    net_fn = head_apply(cfg, params["head"], dtype)
+    model_vars = {"params": params["model"]}
+    b = class_ids.shape[0]
+    ids = class_ids.astype(jnp.int32)
+    if guided:
+        ids = jnp.concatenate([ids, jnp.full((b,), cfg.num_classes, jnp.int32)])
+    rows, p, steps = ids.shape[0], cfg.parallel_num, cfg.num_steps
+
+    def head_sample(cond, step, guidance):
+        noise = noise_fn(step)
+        expected = (num_sampling_steps + 1, rows, p, cfg.latent_dim)
+        if noise.shape != expected:
+            raise ValueError(f"noise_fn must return {expected}, got {noise.shape}")
+        pred = flow.euler_maruyama(net_fn, cond, noise, num_steps=num_sampling_steps,
+                                   cfg_scale=guidance, time_shift=cfg.time_shift)
+        return pred, jnp.sign(pred)
+
+    caches = init_cache(cfg, rows, dtype)
+    cond, caches = backbone.apply(model_vars, ids, caches, method="prefill")
+    pred, tokens = head_sample(cond, 0, jnp.float32(1.0))   # cfg_0 = 1: unguided on all rows
+    all_tokens = jnp.zeros((rows, cfg.num_tokens, cfg.latent_dim), jnp.float32)
+    all_tokens = jax.lax.dynamic_update_slice_in_dim(all_tokens, tokens, 0, axis=1)
+    if record:
+        conds = jnp.zeros((steps,) + cond.shape, cond.dtype).at[0].set(cond)
+        preds = jnp.zeros((steps,) + pred.shape, jnp.float32).at[0].set(pred)
+    else:
+        conds = preds = None
+
+    def body(step, carry):
+        all_tokens, prev, caches, conds, preds = carry
+        cond, caches = backbone.apply(model_vars, prev.astype(dtype), step, caches, method="step")
+        guidance = cfg_schedule(cfg_scale, step, steps) if guided else jnp.float32(1.0)
+        pred, tokens = head_sample(cond, step, guidance)
+        all_tokens = jax.lax.dynamic_update_slice_in_dim(all_tokens, tokens, step * p, axis=1)
+        if record:
+            conds, preds = conds.at[step].set(cond), preds.at[step].set(pred)
+        return all_tokens, tokens, caches, conds, preds
+
+    all_tokens, _, _, conds, preds = jax.lax.fori_loop(
+        1, steps, body, (all_tokens, tokens, caches, conds, preds))
+    if record:
+        return all_tokens[:b], (conds, preds)
+    return all_tokens[:b]
+
+
+def keyed_noise(seed, sample_indices, guided: bool, num_sampling_steps: int,
+                config: BitDanceConfig) -> NoiseFn:
+    """Per-sample draws: row of global sample g uses fold_in(fold_in(key(seed), 0), g) (its
+    null-class twin fold 1), then fold_in(., step) per AR step."""
+    root = jax.random.key(seed)
+    cond_keys = jax.vmap(lambda g: jax.random.fold_in(jax.random.fold_in(root, 0), g))(sample_indices)
+    keys = cond_keys
+    if guided:
+        null_keys = jax.vmap(lambda g: jax.random.fold_in(
+            jax.random.fold_in(root, NULL_ROWS_FOLD), g))(sample_indices)
+        keys = jnp.concatenate([cond_keys, null_keys])
+    shape = (num_sampling_steps + 1, config.parallel_num, config.latent_dim)
+
+    def noise_fn(step):
+        draws = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape))(keys)
+        return jnp.moveaxis(draws, 0, 1)
+    return noise_fn
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_program(config: BitDanceConfig, dtype, mesh, batch: int, num_sampling_steps: int,
+                     guided: bool):
+    """The jitted sampler of one shape, shared by every ``Sampler`` of the same model/mesh:
+    each device runs its slice of the batch (its own cond/null doubling) independently."""
+    def local(params, class_ids, sample_indices, seed, cfg_scale):
+        noise_fn = keyed_noise(seed, sample_indices, guided, num_sampling_steps, config)
+        tokens = generate(config, params, class_ids, cfg_scale, noise_fn,
+                          num_sampling_steps=num_sampling_steps, guided=guided, dtype=dtype)
+        return patching.unpatchify(tokens, config.token_patch, config.grid_size, config.grid_size)
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P("data"), P(), P()),
+                            out_specs=P("data"), check_vma=False)
+    return jax.jit(sharded)
+
+
+class Sampler:
+    """Public sampler: validates input, shards the batch over the mesh's ``data`` axis and
+    reuses one compiled program per (model, mesh, batch, head steps, guided). Takes params
+    in either layer layout (scanned ones are unstacked once, when placed)."""
+
+    def __init__(self, config: BitDanceConfig, dtype: Dtype = jnp.float32, mesh=None):
+        self.config = config
+        self.dtype = dtype
+        self.mesh = mesh if mesh is not None else sharding.make_mesh()
+        self._placed = (None, None)
+
+    @property
+    def num_shards(self) -> int:
+        return self.mesh.shape["data"]
+
+    def check_inputs(self, class_ids, cfg_scale: float, num_sampling_steps: int) -> np.ndarray:
+        ids = np.asarray(class_ids)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"class_ids must be a non-empty list of integers, got {class_ids!r}")
+        bad = ids[(ids < 0) | (ids >= self.config.num_classes)]
+        if bad.size:
+            raise ValueError(f"unknown class id(s) {sorted(set(bad.tolist()))}: the model has "
+                             f"classes 0..{self.config.num_classes - 1}")
+        if not cfg_scale >= 1.0:
+            raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+        if int(num_sampling_steps) < 1:
+            raise ValueError(f"num_sampling_steps must be >= 1, got {num_sampling_steps}")
+        return ids.astype(np.int32)
+
+    def _program(self, batch: int, num_sampling_steps: int, guided: bool):
+        return _sharded_program(inference_config(self.config), self.dtype, self.mesh, batch, num_sampling_steps,
+                                guided)
+
+    def _replicated(self, params):
+        if self._placed[0] is not params:
+            placed = {"model": params["model"], "head": params["head"]}
+            if "layers" in placed["model"]:
+                placed["model"] = unstack_layer_params(placed["model"])
+            self._placed = (params, jax.device_put(placed, NamedSharding(self.mesh, P())))
+        return self._placed[1]
+
+    def prepare(self, params, class_ids: Sequence[int], *, seed: int = 0, cfg_scale: float = 1.0,
+                num_sampling_steps: int = 100, sample_indices: Sequence[int] | None = None):
+        """Validated (jitted program, its arguments): ``program(*args)`` gives the latents of
+        the batch padded to a multiple of the data shards."""
+        ids = self.check_inputs(class_ids, cfg_scale, num_sampling_steps)
+        b = len(ids)
+        idx = np.arange(b) if sample_indices is None else np.asarray(sample_indices)
+        if idx.shape != (b,):
+            raise ValueError(f"sample_indices must have one entry per class id ({b}), got {idx.shape}")
+        padded = -(-b // self.num_shards) * self.num_shards
+        ids = np.pad(ids, (0, padded - b))
+        idx = np.pad(idx.astype(np.int32), (0, padded - b))
+        program = self._program(padded, int(num_sampling_steps), cfg_scale > 1.0)
+        return program, (self._replicated(params), ids, idx, np.int32(seed), np.float32(cfg_scale))
+
+    def sample(self, params, class_ids: Sequence[int], *, seed: int = 0, cfg_scale: float = 1.0,
+               num_sampling_steps: int = 100, sample_indices: Sequence[int] | None = None
+               ) -> np.ndarray:
+        """Binary latents [B, h, w, C] (NHWC, in {-1, +1})."""
+        program, args = self.prepare(params, class_ids, seed=seed, cfg_scale=cfg_scale,
+                                     num_sampling_steps=num_sampling_steps,
+                                     sample_indices=sample_indices)
+        return np.asarray(program(*args))[:len(class_ids)]

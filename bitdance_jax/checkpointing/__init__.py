@@ -1,0 +1,1 @@
+"""Self-describing parameter directories and atomic writes."""

@@ -1,0 +1,68 @@
+"""Self-describing param directories: ``<dir>/bitdance.json`` (what it is + config) and
+``<dir>/params`` (an Orbax checkpoint of the param tree).
+
+Written to a temporary sibling and renamed at the end, so an interrupted write never
+leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from bitdance_jax.checkpointing.atomic import atomic_write
+
+META_FILE = "bitdance.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A param directory is missing, incomplete or of another kind than expected."""
+
+
+def save_param_dir(dst: str, kind: str, config: dict[str, Any], params, *,
+                   overwrite: bool = False, extra: dict[str, Any] | None = None) -> str:
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and os.listdir(dst) and not overwrite:
+        raise CheckpointError(f"{dst} exists and is not empty (refusing to overwrite)")
+    params = jax.tree.map(np.asarray, params)
+    with atomic_write(dst, directory=True) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+        meta = {"format_version": FORMAT_VERSION, "kind": kind, "config": config, **(extra or {})}
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+    return dst
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{path} is not a bitdance-jax checkpoint directory "
+                              f"(no {META_FILE}); port weights with python -m bitdance_jax.porting")
+    with open(meta_path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{meta_path} is corrupt: {e}") from e
+
+
+def load_param_dir(path: str, kind: str | None = None, target=None):
+    """Returns ``(meta, params)``. ``target`` (abstract tree with shardings) places arrays."""
+    meta = read_meta(path)
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a '{meta.get('kind')}' checkpoint, expected '{kind}'")
+    params_path = os.path.join(os.path.abspath(path), PARAMS_DIR)
+    if not os.path.isdir(params_path):
+        raise CheckpointError(f"{path} has no {PARAMS_DIR}/ (incomplete checkpoint)")
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            params = ckptr.restore(params_path, target) if target is not None else ckptr.restore(params_path)
+        except Exception as e:
+            raise CheckpointError(f"cannot restore params from {params_path}: {e}") from e
+    return meta, params

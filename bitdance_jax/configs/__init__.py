@@ -1,0 +1,1 @@
+"""Training configs as Python files returning ml_collections ConfigDicts."""

@@ -1,0 +1,1 @@
+"""Training input: image and caption sources, augmentation, Grain pipelines, the latent cache, sequence packing."""

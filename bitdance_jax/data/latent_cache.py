@@ -1,0 +1,115 @@
+"""The latent cache: binary latents of every training record, encoded once by the frozen tokenizer, for both model families.
+
+A cache is a directory of ``.npy`` arrays (int8 {-1, +1} latents plus per-record extras such as
+labels) and ``latent_cache.json``, the description it was built for (records, image sizes,
+the tokenizer's config). Process 0 encodes; it writes under a temporary name and renames, so a
+cache that exists is complete. Every process then waits at a barrier and opens it read-only. A
+cache built for another description is an error, never silently reused.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Iterable
+
+import jax
+import numpy as np
+
+from bitdance_jax.checkpointing.atomic import atomic_write
+from bitdance_jax.data.augment import center_crop
+from bitdance_jax.parallel import distributed
+
+META_FILE = "latent_cache.json"
+
+EncodeChunk = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+def build(cache_dir: str, meta: dict, num_records: int, chunks: Iterable[np.ndarray],
+          encode_chunk: EncodeChunk) -> dict[str, np.ndarray]:
+    """Open the cache at ``cache_dir``, building it first if it does not exist.
+
+    ``chunks``: arrays of record indices that together cover every record once;
+    ``encode_chunk(indices)`` returns ``{name: array [len(indices), ...]}`` (``latents`` in
+    {-1, +1}, 0 marking padding, stored as int8 signs). Every process must call this (it ends at a barrier).
+    Returns ``{name: array}``, latents memory-mapped.
+    """
+    meta = json.loads(json.dumps(meta))  # the form it takes on disk (tuples become lists)
+    meta_path = os.path.join(cache_dir, META_FILE)
+    if not os.path.isfile(meta_path) and jax.process_index() == 0:
+        _write(cache_dir, meta, num_records, chunks, encode_chunk)
+    distributed.barrier(f"latent_cache:{os.path.abspath(cache_dir)}")
+    return open_cache(cache_dir, meta)
+
+
+def _write(cache_dir, meta, num_records, chunks, encode_chunk):
+    with atomic_write(cache_dir, directory=True) as tmp:
+        arrays = {}
+        for indices in chunks:
+            for name, values in encode_chunk(np.asarray(indices)).items():
+                if name == "latents":
+                    values = np.sign(np.asarray(values)).astype(np.int8)
+                if name not in arrays:
+                    arrays[name] = np.lib.format.open_memmap(
+                        os.path.join(tmp, f"{name}.npy"), mode="w+", dtype=values.dtype,
+                        shape=(num_records,) + values.shape[1:])
+                arrays[name][indices] = values
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+
+
+def open_cache(cache_dir: str, expected_meta: dict | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an existing cache (``ValueError`` if absent or built for another meta)."""
+    meta_path = os.path.join(cache_dir, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"{cache_dir!r} is not a latent cache (no {META_FILE})")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if expected_meta is not None and meta != expected_meta:
+        raise ValueError(f"latent cache {cache_dir} was built for other records, sizes or "
+                         f"tokenizer ({meta}); remove it or set data.cache_dir")
+    names = [f[:-4] for f in sorted(os.listdir(cache_dir)) if f.endswith(".npy")]
+    out = {"meta": meta}
+    for name in names:
+        out[name] = np.load(os.path.join(cache_dir, f"{name}.npy"),
+                            mmap_mode="r" if name == "latents" else None)
+    return out
+
+
+class LatentCacheSource:
+    """Class-conditional records of a cache: ``{"latents": int8 [variants, h, w, C], "label"}``."""
+
+    def __init__(self, cache_dir: str, arrays: dict | None = None):
+        arrays = open_cache(cache_dir) if arrays is None else arrays
+        self.meta = arrays["meta"]
+        self.latents, self.labels = arrays["latents"], arrays["labels"]
+        self.num_classes = int(self.meta["num_classes"])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"latents": np.asarray(self.latents[index]), "label": self.labels[index]}
+
+
+def build_class_cache(source, encode_fn: Callable[[np.ndarray], np.ndarray], cache_dir: str, *,
+                      image_size: int, num_classes: int, tokenizer_config: dict,
+                      with_flips: bool = True, chunk: int = 64) -> LatentCacheSource:
+    """Cache of a class-labelled source: each record's centre crop (and its mirror when
+    ``with_flips``) encoded by ``encode_fn`` (uint8 [B,H,W,3] -> {-1,+1} [B,h,w,C])."""
+    def encode_chunk(indices):
+        records = [source[int(i)] for i in indices]
+        images = np.stack([center_crop(r["image"] if r["image"].ndim == 3 else
+                                       r["image"][..., None].repeat(3, -1), image_size)
+                           for r in records])
+        variants = [images, images[:, :, ::-1]] if with_flips else [images]
+        codes = np.stack([np.asarray(encode_fn(np.ascontiguousarray(v))) for v in variants], axis=1)
+        return {"latents": codes, "labels": np.asarray([r["label"] for r in records], np.int32)}
+
+    n = len(source)
+    meta = {"num_records": n, "num_classes": num_classes, "image_size": image_size,
+            "with_flips": with_flips, "tokenizer": tokenizer_config}
+    chunks = (np.arange(s, min(n, s + chunk)) for s in range(0, n, chunk))
+    return LatentCacheSource(cache_dir, build(cache_dir, meta, n, chunks, encode_chunk))

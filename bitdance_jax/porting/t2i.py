@@ -1,0 +1,158 @@
+"""Porting text-to-image folders (Hugging Face Qwen3 shards, vision head, projector, tokenizer) onto the Flax params."""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+from bitdance_jax.checkpointing import param_dir
+from bitdance_jax.nn.diffusion_head import port_head_state_dict
+from bitdance_jax.parallel.sharding import divisible_logical_sharding
+from bitdance_jax.porting import convention as porting
+from bitdance_jax.porting.tokenizer import (infer_tokenizer_config, port_tokenizer_state_dict,
+                                           read_ae_config)
+from bitdance_jax.t2i import qwen3
+from bitdance_jax.t2i.config import KIND, RELEASED_SIZES, T2IConfig
+from bitdance_jax.t2i.model import Projector
+from bitdance_jax.t2i.prompts import TEXT_TOKENIZER_FILES
+
+# The released models' backbone (Qwen3-14B): folders with it get the size whitelist.
+_RELEASED_BACKBONE = {"hidden_size": 5120, "num_hidden_layers": 40}
+RELEASED_FILES = ("config.json", "tokenizer.json", "ae.safetensors", "ae_config.json",
+                  "vision_head.safetensors", "vision_head_config.json", "projector.safetensors")
+LLM_SINGLE_FILE = "model.safetensors"
+LLM_INDEX_FILE = "model.safetensors.index.json"
+
+def _abstract_llm(config: T2IConfig, param_dtype):
+    return qwen3.abstract_qwen3_params(config.llm, param_dtype=param_dtype)
+
+
+def _llm_shard_files(src: str) -> list[str]:
+    """The LLM weight files of a folder: the index's shards (all must exist) or model.safetensors."""
+    index_path = os.path.join(src, LLM_INDEX_FILE)
+    if os.path.isfile(index_path):
+        index = porting.read_json(index_path, "LLM shard index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise porting.PortingError(f"{index_path} has no 'weight_map'")
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(src, s))]
+        if missing:
+            raise porting.PortingError(f"{index_path} names missing shard file(s): "
+                                       f"{', '.join(missing)}")
+        return [os.path.join(src, s) for s in shards]
+    single = os.path.join(src, LLM_SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    raise porting.PortingError(f"{src}: missing LLM weights ({LLM_SINGLE_FILE} or {LLM_INDEX_FILE})")
+
+
+def stream_llm_weights(shard_files: Sequence[str], abstract, *, shardings=None,
+                       ignore: Callable[[str], bool] = lambda k: False) -> dict:
+    """Port HF Qwen3 safetensors shards onto ``abstract`` one tensor at a time.
+
+    Each tensor is read, transposed to Flax layout, cast to the target dtype and (with
+    ``shardings``, a tree like ``abstract`` of ``jax.sharding.Sharding``) placed on its
+    devices before the next one is read, so host memory never holds more than the result
+    plus one tensor. Strict like ``porting.convert_state_dict``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    flat_target = traverse_util.flatten_dict(nn.unbox(abstract))
+    by_key = {key: path for path, key in porting.porting_map(abstract).items()}
+    flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else None
+    out, extra, bad_shape, mis_shaped = {}, [], [], set()
+    for shard in shard_files:
+        try:
+            handle = safe_open(shard, framework="np")
+        except (SafetensorError, OSError) as e:
+            raise porting.PortingError(f"cannot read {shard} as safetensors: {e}") from e
+        with handle as f:
+            for key in f.keys():
+                path = by_key.get(key)
+                if path is None:
+                    if not ignore(key):
+                        extra.append(key)
+                    continue
+                value = porting.torch_to_flax_array(path[-1], f.get_tensor(key))
+                target = flat_target[path]
+                if tuple(value.shape) != tuple(target.shape):
+                    bad_shape.append(f"{key}: checkpoint {tuple(value.shape)} vs model "
+                                     f"{tuple(target.shape)}")
+                    mis_shaped.add(key)
+                    continue
+                value = np.asarray(value, dtype=target.dtype)
+                out[path] = (jax.device_put(value, flat_shardings[path])
+                             if flat_shardings is not None else value)
+    missing = sorted(key for key, path in by_key.items()
+                     if path not in out and key not in mis_shaped)
+    porting.raise_if_mismatch("LLM weights (config.json)", missing, extra, bad_shape)
+    return traverse_util.unflatten_dict(out)
+
+
+def _check_released_folder(src: str):
+    if not os.path.isdir(src):
+        raise porting.PortingError(f"{src} is not a directory")
+    missing = [f for f in RELEASED_FILES if not os.path.isfile(os.path.join(src, f))]
+    if missing:
+        raise porting.PortingError(f"text-to-image folder {src} is missing file(s): "
+                                   f"{', '.join(missing)}")
+
+
+def read_released_config(src: str) -> T2IConfig:
+    """The T2I config of a released-layout folder (reads only its JSON files)."""
+    _check_released_folder(src)
+    llm_dict = porting.read_json(os.path.join(src, "config.json"), "LLM config")
+    llm = qwen3.Qwen3Config.from_hf_dict(llm_dict)
+    head_kwargs = porting.read_json(os.path.join(src, "vision_head_config.json"), "vision head config")
+    tok = read_ae_config(src)
+    released = all(llm_dict.get(k) == v for k, v in _RELEASED_BACKBONE.items())
+    return T2IConfig(llm=llm, head_kwargs=head_kwargs, tokenizer=tok,
+                     supported_sizes=RELEASED_SIZES if released else None)
+
+
+def read_released_folder(src: str, *, param_dtype=jnp.float32, mesh=None):
+    """``(config, params)`` of a released-layout folder; with ``mesh`` every LLM tensor is
+    placed on its logical sharding as it is read."""
+    config = read_released_config(src)
+    abstract = qwen3.abstract_qwen3_params(config.llm, param_dtype=param_dtype)
+    shardings = None
+    if mesh is not None:
+        shardings = divisible_logical_sharding(abstract, mesh)
+    tied = config.llm.tie_word_embeddings
+    llm = stream_llm_weights(_llm_shard_files(src), abstract, shardings=shardings,
+                             ignore=lambda k: tied and k == "lm_head.weight")
+    ae_sd = porting.load_safetensors(os.path.join(src, "ae.safetensors"))
+    inferred = infer_tokenizer_config(ae_sd, num_codebooks=config.tokenizer.num_codebooks)
+    if inferred != config.tokenizer:
+        raise porting.PortingError(f"ae.safetensors ({inferred}) does not match ae_config.json "
+                                   f"({config.tokenizer})")
+    tok = port_tokenizer_state_dict(ae_sd, config.tokenizer, what=os.path.join(src, "ae.safetensors"))
+    head = port_head_state_dict(porting.load_safetensors(os.path.join(src, "vision_head.safetensors")),
+                                config.head, prefix="net.", param_dtype=param_dtype)
+    proj_abstract = porting.abstract_params(
+        Projector(config.llm.hidden_size, param_dtype=param_dtype),
+        jax.ShapeDtypeStruct((1, 1, config.tokenizer.z_channels), jnp.float32))
+    projector = porting.convert_state_dict(
+        porting.load_safetensors(os.path.join(src, "projector.safetensors")), proj_abstract,
+        what=os.path.join(src, "projector.safetensors"))
+    return config, {"llm": llm, "head": head, "projector": projector, "tokenizer": tok}
+
+
+def port_t2i_folder(src: str, dst: str, *, param_dtype=jnp.float32, overwrite: bool = False) -> str:
+    """Released folder -> self-describing dir (``bitdance.json`` + Orbax params + text
+    tokenizer files). The tokenizer part is also loadable with ``load_tokenizer(dst)``."""
+    config, params = read_released_folder(src, param_dtype=param_dtype)
+    param_dir.save_param_dir(dst, KIND, config.to_dict(), params, overwrite=overwrite,
+                              extra={"tokenizer": config.tokenizer.to_dict(),
+                                     "source": os.path.basename(os.path.abspath(src))})
+    for name in TEXT_TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return dst

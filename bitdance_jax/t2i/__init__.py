@@ -1,0 +1,1 @@
+"""Text-to-image BitDance on a Qwen3 backbone: model, prompts, jitted sampler, pipeline and command line."""

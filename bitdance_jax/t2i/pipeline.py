@@ -1,0 +1,177 @@
+"""The loaded text-to-image model: ``load_t2i`` and ``T2IPipeline`` (prompts in, latents and images out)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from bitdance_jax import images as image_lib
+from bitdance_jax.checkpointing import param_dir
+from bitdance_jax.nn.diffusion_head import DiffusionNet
+from bitdance_jax.nn.patching import unpatchify
+from bitdance_jax.parallel.sharding import divisible_logical_sharding
+from bitdance_jax.porting.t2i import read_released_folder
+from bitdance_jax.t2i import qwen3
+from bitdance_jax.t2i.config import KIND, T2IConfig
+from bitdance_jax.t2i.model import (Projector, abstract_t2i_params, place_params, position_embed_2d,
+                                    position_table)
+from bitdance_jax.t2i.prompts import UNCOND_PROMPT, TextTokenizer, cond_prompt
+from bitdance_jax.t2i.sampler import (NoiseSource, PROGRESS_BARS, prompt_bucket, sampler,
+                                      seeded_noise)
+from bitdance_jax.tokenizer.model import BinaryAutoencoder
+
+def load_t2i(path: str, *, param_dtype=jnp.float32, dtype=jnp.float32, mesh=None) -> "T2IPipeline":
+    """A pipeline from a released-layout folder or a directory written by ``port_t2i_folder``."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a directory")
+    if os.path.isfile(os.path.join(path, param_dir.META_FILE)):
+        meta = param_dir.read_meta(path)
+        if meta.get("kind") != KIND:
+            raise param_dir.CheckpointError(f"{path} holds a '{meta.get('kind')}' checkpoint, "
+                                             f"expected '{KIND}'")
+        config = T2IConfig.from_dict(meta["config"])
+        abstract = abstract_t2i_params(config, param_dtype)
+        if mesh is None:
+            shardings = jax.tree.map(lambda _: None, nn.unbox(abstract))
+        else:
+            shardings = divisible_logical_sharding(abstract, mesh)
+        # Restore straight into the target dtype (and onto the mesh: no full host copy).
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              nn.unbox(abstract), shardings)
+        _, params = param_dir.load_param_dir(path, KIND, target=target)
+    else:
+        config, params = read_released_folder(path, param_dtype=param_dtype, mesh=mesh)
+        if mesh is not None:
+            params = place_params(params, config, mesh)
+    return T2IPipeline(config, params, TextTokenizer(path), dtype=dtype)
+
+
+
+@dataclasses.dataclass
+class SampleTrace:
+    """Per image step: the head's condition [steps, N, P, D] and raw prediction [steps, N, P, C]."""
+    head_cond: np.ndarray
+    head_pred: np.ndarray
+
+
+class T2IPipeline:
+    """Loaded text-to-image model. ``params``: {"llm", "head", "projector", "tokenizer"}."""
+
+    def __init__(self, config: T2IConfig, params, text_tokenizer: TextTokenizer,
+                 dtype=jnp.float32):
+        self.config = config
+        self.params = params
+        self.text_tokenizer = text_tokenizer
+        self.dtype = dtype
+        self.llm = qwen3.Qwen3ForCausalLM(config.llm, dtype=dtype)
+        self.head = DiffusionNet(config.head, dtype=dtype)
+        self.projector = Projector(config.llm.hidden_size, dtype=dtype)
+        self._decode = jax.jit(functools.partial(
+            BinaryAutoencoder(config.tokenizer).apply, method="decode"))
+        self.pos_table = position_table(config.llm.hidden_size, config.vae_patch_size)
+
+    # -- pieces usable on their own (and checked against the reference one by one)
+    def project(self, bits):
+        return self.projector.apply({"params": self.params["projector"]}, jnp.asarray(bits))
+
+    def position_embed_2d(self, h: int, w: int, patch_side: int | None = None) -> np.ndarray:
+        return position_embed_2d(self.pos_table, h, w,
+                                 self.config.patch_side if patch_side is None else patch_side)
+
+    def decode_latents(self, bits_nhwc, seed: int = 0):
+        """Binary latents [B, h, w, z] -> images [B, H, W, 3] (float, about [-1, 1]); a GAN
+        decoder's N(0, 1) input is drawn from ``seed``."""
+        bits = jnp.asarray(bits_nhwc, jnp.float32)
+        args = (bits,)
+        if self.config.tokenizer.gan_decoder:
+            args += (jax.random.normal(jax.random.key(seed), bits.shape, jnp.float32),)
+        return self._decode({"params": self.params["tokenizer"]}, *args)
+
+    def check_size(self, height: int, width: int) -> tuple[int, int]:
+        """Latent grid of an image size this model can make (size list, patching, and the
+        ``<|res_*|>`` tokens); ``ValueError`` otherwise."""
+        h, w = self.config.latent_grid(height, width)
+        self.text_tokenizer.image_prefix_ids(h, w, self.config.parallel_num)
+        return h, w
+
+    # -- the sampling loop
+    def sample_latents(self, prompts: Sequence[str] | str, height: int, width: int, *,
+                       num_sampling_steps: int = 50, guidance_scale: float = 7.5,
+                       num_images: int = 1, noise_source: NoiseSource | None = None,
+                       seed: int = 0, trace: bool = False, progress: bool = False):
+        """Binary latents [B, h, w, z] (B = num_images, or one per prompt when a list is given,
+        each prompt then gets ``num_images``) and, with ``trace``, a ``SampleTrace``.
+
+        ``noise_source(shape)`` returns every N(0, 1) draw at once, shaped
+        [image_steps, num_sampling_steps + 1, B, P, z]: per image step the head's initial
+        state then one draw per SDE step (the reference's call order). ``progress`` shows a
+        bar advanced by the jitted loop after each image step.
+        """
+        cfg = self.config
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        if num_images < 1 or num_sampling_steps < 1:
+            raise ValueError(f"num_images and num_sampling_steps must be >= 1, got "
+                             f"{num_images} and {num_sampling_steps}")
+        h, w = self.check_size(height, width)
+        p_num = cfg.parallel_num
+        image_steps = h * w // p_num
+        tok = self.text_tokenizer
+        prefix = tok.image_prefix_ids(h, w, p_num)
+        guided = guidance_scale > 1.0
+        texts = [cond_prompt(pr) for pr in prompts for _ in range(num_images)]
+        if guided:
+            texts += [UNCOND_PROMPT] * len(texts)
+        # Call 1 holds the prompt ids, <|vision_start|> and <|res_h|>; the block call holds
+        # <|res_w|> and the queries.
+        heads = [tok.encode(t) + prefix[:2] for t in texts]
+        lengths = np.array([len(x) for x in heads], np.int32)
+        bucket = prompt_bucket(int(lengths.max()))
+        ids = np.zeros((len(heads), bucket), np.int32)
+        for i, x in enumerate(heads):
+            ids[i, :len(x)] = x
+        batch = len(prompts) * num_images
+        noise_shape = (image_steps, num_sampling_steps + 1, batch, p_num, cfg.tokenizer.z_channels)
+        noise = jnp.asarray((noise_source or seeded_noise(seed))(noise_shape), jnp.float32)
+        if noise.shape != noise_shape:
+            raise ValueError(f"noise source gave {noise.shape}, expected {noise_shape}")
+        pos = jnp.asarray(self.position_embed_2d(h, w)).reshape(image_steps, p_num, -1)
+        run = sampler(self.llm, self.head, self.projector, cfg.head.time_shift,
+                       num_sampling_steps, guided, trace, progress)
+        if progress:
+            from tqdm import tqdm
+            PROGRESS_BARS.append(tqdm(total=image_steps, desc="image steps", unit="step"))
+        try:
+            tokens, head_cond, head_pred = run(
+                self.params, jnp.asarray(ids), jnp.asarray(lengths),
+                jnp.asarray(prefix[2:], jnp.int32), pos, noise, jnp.float32(guidance_scale))
+            tokens = np.asarray(tokens)  # wait for the loop (and its progress updates)
+        finally:
+            if progress:
+                jax.effects_barrier()
+                PROGRESS_BARS.pop().close()
+        bits = unpatchify(tokens, cfg.patch_side, h, w)
+        return (bits, SampleTrace(np.asarray(head_cond), np.asarray(head_pred))) if trace else bits
+
+    def generate(self, prompt: str, height: int = 1024, width: int = 1024,
+                 num_sampling_steps: int = 50, guidance_scale: float = 7.5, num_images: int = 1,
+                 seed: int = 0, noise_source: NoiseSource | None = None, progress: bool = False):
+        """``num_images`` PIL images for ``prompt`` (the reference's ``generate``)."""
+        bits = self.sample_latents(prompt, height, width, num_sampling_steps=num_sampling_steps,
+                                   guidance_scale=guidance_scale, num_images=num_images,
+                                   noise_source=noise_source, seed=seed, progress=progress)
+        return to_pil(self.decode_latents(bits, seed=seed))
+
+
+def to_pil(images) -> list:
+    """Float images [B, H, W, 3] in [-1, 1] -> PIL images (the reference's clamp(127.5x+128))."""
+    from PIL import Image
+    arr = image_lib.to_uint8_like_reference(images)
+    return [Image.fromarray(a) for a in arr]

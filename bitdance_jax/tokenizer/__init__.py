@@ -1,0 +1,1 @@
+"""The binary tokenizer: sign-quantized convolutional autoencoder, its API and its command line."""

@@ -1,0 +1,1 @@
+"""The one trainer: loop, jitted step, checkpoints, metrics, optimizer, tasks and command line."""

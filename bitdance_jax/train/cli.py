@@ -1,0 +1,110 @@
+"""The trainer's command line: ``--config`` (ml_collections config_flags) with ``--config.<field>=<value>`` overrides, the workdir and the multi-process flags.
+
+    python -m bitdance_jax.train --config configs/<name>.py[:<arg>] --workdir DIR \\
+        [--config.<field>=<value> ...] [--coordinator HOST:PORT --num-processes N --process-id I]
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import jax
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from bitdance_jax.parallel import distributed
+from bitdance_jax.train.trainer import NonFiniteLossError, train
+
+
+class UsageError(ValueError):
+    """A bad command line (unknown flag or config field, bad value, missing file)."""
+
+
+def _flag_values(argv: list[str]) -> flags.FlagValues:
+    """A fresh set of flags for parsing ``argv`` (no value leaks from one parse to the next;
+    config_flags reads its overrides from ``argv``, not from ``sys.argv``)."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "config file (configs/<name>.py, optionally :<argument>)",
+        lock_config=True, flag_values=fv, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "checkpoints, logs, samples and the export",
+                        flag_values=fv)
+    distributed.define_flags(fv)
+    return fv
+
+
+def unknown_field_message(config: ml_collections.ConfigDict, dotted: str) -> str | None:
+    """Why ``config.<dotted>`` cannot be set (naming the fields that exist), or None."""
+    node, walked = config, "config"
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            return (f"unknown config field '{walked}.{part}' "
+                    f"(fields of {walked}: {', '.join(known) or 'none'})")
+        node, walked = node[part], f"{walked}.{part}"
+    return None
+
+
+def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, flags.FlagValues]:
+    """``argv`` (program name first) -> (config, workdir, flags); ``UsageError`` if bad."""
+    argv = distributed.normalize_flag_names(argv)
+    fv = _flag_values(argv)
+    try:
+        fv(argv)
+    except (flags.Error, ValueError, OSError) as e:  # a config file missing or refusing its argument
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        # config_flags embeds the config file's traceback: keep what was wrong, not where.
+        raise UsageError(lines[0] + (f" {lines[-1]}" if "Traceback" in str(e) else "")) from None
+    except (AttributeError, KeyError) as e:
+        # A locked ConfigDict refused an override: load the config without overrides to
+        # name the unknown field and the fields that do exist.
+        plain_argv = [a for a in argv if not a.startswith("--config.")]
+        plain = _flag_values(plain_argv)
+        plain(plain_argv)
+        config = plain["config"].value
+        for arg in argv[1:]:
+            if arg.startswith("--config."):
+                message = unknown_field_message(config, arg[len("--config."):].split("=", 1)[0])
+                if message:
+                    raise UsageError(message) from None
+        raise UsageError(f"bad config override: {e}") from None
+    config = fv["config"].value
+    if config is None:
+        raise UsageError("--config is required (e.g. --config configs/default.py)")
+    if not isinstance(config, ml_collections.ConfigDict):  # config_flags defers load errors
+        try:
+            config.kind
+        except OSError as e:
+            raise UsageError(f"cannot load config file {fv['config'].config_filename!r}: "
+                             f"{str(e).splitlines()[-1].strip()}") from None
+    if not fv["workdir"].value:
+        raise UsageError("--workdir is required")
+    return config, fv["workdir"].value, fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv if argv is None else argv
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__)
+        print(_flag_values(argv[:1]).get_help())
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config, workdir, fv = parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    distributed.initialize_from_flags(fv)
+    try:
+        summary = train(config, workdir)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as e:  # bad config values, data or checkpoints
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0

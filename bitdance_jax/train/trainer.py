@@ -1,0 +1,353 @@
+"""The trainer: builds the mesh, state and jitted step for a task, and runs the loop with checkpoints, metrics, preemption and the final export.
+
+Relaunching with the same workdir resumes exactly from the last checkpoint (params, EMA,
+optimizer state, step, RNG and the Grain iterator state). ``config.kind == "pipeline"`` runs
+stages one after another in ``<workdir>/<stage>``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from bitdance_jax.checkpointing.param_dir import load_param_dir
+from bitdance_jax.data.pipeline import to_global_arrays
+from bitdance_jax.parallel import sharding
+from bitdance_jax.train import optimizer as optim
+from bitdance_jax.train.checkpoints import (make_checkpoint_manager, restore_checkpoint,
+                                            save_checkpoint)
+from bitdance_jax.train.metrics import MetricLogger, peak_flops_per_device, step_flops
+from bitdance_jax.train.step import jit_train_step
+from bitdance_jax.train.tasks import make_task
+
+log = logging.getLogger("bitdance_jax.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the last good state was saved."""
+
+
+def global_batch_size(config, mesh) -> int:
+    batch = config.global_batch_size or config.per_device_batch_size * mesh.devices.size
+    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % data_ways:
+        raise ValueError(f"global batch {batch} is not divisible by the data axis: mesh "
+                         f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {data_ways}")
+    if batch % jax.process_count():
+        raise ValueError(f"global batch {batch} not divisible by {jax.process_count()} processes")
+    return batch
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything built from a config: mesh, task, optimizer, shardings, jitted step."""
+    config: Any
+    workdir: str
+    mesh: Any = None
+
+    def __post_init__(self):
+        c = self.config
+        self.mesh = self.mesh or sharding.make_mesh(tuple(c.mesh))
+        self.task = make_task(c, self.workdir)
+        self.global_batch = global_batch_size(c, self.mesh)
+
+    # -- optimizer and state ----------------------------------------------------------
+    def build(self, num_steps: int):
+        o = self.config.optim
+        self.num_steps = num_steps
+        self.schedule = optim.lr_schedule(o.lr, warmup_steps=o.warmup_steps,
+                                          decay_start=o.decay_start, total_steps=num_steps,
+                                          min_lr=o.min_lr)
+        self.optimizer = optim.make_optimizer(schedule=self.schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                                              weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                                              no_decay_names=tuple(o.no_decay_names))
+        boxed = jax.eval_shape(self.task.init, jax.random.PRNGKey(0))
+        self.param_shardings = sharding.divisible_logical_sharding(boxed, self.mesh)
+        abstract_params = nn.unbox(boxed)
+        abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+        rep = sharding.replicated(self.mesh)
+        self.state_shardings = {
+            "step": rep, "rng": rep, "ok": rep,
+            "params": self.param_shardings, "ema": self.param_shardings,
+            "opt_state": optim.opt_state_shardings(abstract_opt, self.param_shardings, rep)}
+        self.abstract_state = {
+            "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+            "ok": jax.ShapeDtypeStruct((), jnp.bool_),
+            "params": abstract_params, "ema": abstract_params, "opt_state": abstract_opt}
+        # Frozen inputs of the step (the tokenizer encoding images): replicated on the mesh.
+        self.frozen = jax.tree.map(lambda x: jax.device_put(np.asarray(x), rep), self.task.frozen())
+        self.frozen_shardings = jax.tree.map(lambda _: rep, self.frozen)
+        self._step_fn = None
+        return self
+
+    def init_state(self, init_params=None):
+        """Fresh state (``init_params``: a param tree from a ported/trained checkpoint, which
+        must have exactly the params of the configured model)."""
+        seed = self.config.seed
+
+        def fresh(rng, params):
+            params = nn.unbox(self.task.init(rng)) if params is None else params
+            return {"step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed),
+                    "ok": jnp.ones((), jnp.bool_), "params": params, "ema": params,
+                    "opt_state": self.optimizer.init(params)}
+
+        in_shardings = (sharding.replicated(self.mesh), None)
+        if init_params is not None:
+            self.check_params(init_params)
+            init_params = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), init_params,
+                                       self.abstract_state["params"])
+            init_params = jax.device_put(init_params, self.param_shardings)
+            in_shardings = (in_shardings[0], self.param_shardings)
+        return jax.jit(fresh, in_shardings=in_shardings, out_shardings=self.state_shardings)(
+            jax.random.fold_in(jax.random.PRNGKey(seed), 1 << 20), init_params)
+
+    def check_params(self, params):
+        """ValueError naming the first missing / extra / mis-shaped param."""
+        def shapes(tree):
+            return {tuple(optim.path_names(p)): np.shape(x)
+                    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+        want, got = shapes(self.abstract_state["params"]), shapes(params)
+        for key in sorted(set(want) | set(got)):
+            if key not in got:
+                raise ValueError(f"init params lack {'/'.join(key)} {want[key]}")
+            if key not in want:
+                raise ValueError(f"init params have {'/'.join(key)}, which the model does not")
+            if tuple(got[key]) != tuple(want[key]):
+                raise ValueError(f"init param {'/'.join(key)} has shape {tuple(got[key])}, "
+                                 f"the model {tuple(want[key])}")
+
+    def batch_sharding(self, ndim: int):
+        return sharding.batch_sharding(self.mesh, ndim)
+
+    # -- the step ---------------------------------------------------------------------
+    def step_fn(self, batch_example: dict):
+        """The jitted step (``step.train_step`` with this run's shardings)."""
+        if self._step_fn is None:
+            self._step_fn = jit_train_step(
+                loss_fn=self.task.loss, optimizer=self.optimizer, schedule=self.schedule,
+                ema_decay=self.config.optim.ema_decay, state_shardings=self.state_shardings,
+                frozen_shardings=self.frozen_shardings,
+                batch_shardings={k: self.batch_sharding(np.ndim(v))
+                                 for k, v in batch_example.items()},
+                metrics_sharding=sharding.replicated(self.mesh))
+        return self._step_fn
+
+    def compile_step(self, state, batch):
+        """Ahead-of-time compiled step (one compile; its cost analysis gives the FLOPs)."""
+        return self.step_fn(batch).lower(state, self.frozen, batch).compile()
+
+    def to_device(self, local_batch):
+        return to_global_arrays(local_batch, self.batch_sharding)
+
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def num_train_steps(config, num_records: int, global_batch: int) -> int:
+    if config.num_steps > 0:
+        return int(config.num_steps)
+    if config.epochs <= 0:
+        raise ValueError("set config.num_steps or config.epochs")
+    return int(config.epochs * (num_records // global_batch))
+
+
+def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
+          on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train ``config`` in ``workdir`` (resuming when it holds checkpoints).
+
+    ``stop_after``: return once the state reaches that step (tests / benchmarks), leaving a
+    checkpoint there. ``on_step(step, local_batch)`` is called after each step is dispatched.
+    Returns a summary (final step, last metrics, paths).
+    """
+    if config.kind == "pipeline":
+        return run_pipeline(config, workdir, mesh=mesh)
+    os.makedirs(workdir, exist_ok=True)
+    trainer = Trainer(config, workdir, mesh)
+    source = trainer.task.train_source()
+    num_steps = num_train_steps(config, len(source), trainer.global_batch)
+    trainer.build(num_steps)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    dataset = trainer.task.train_dataset(source, config.data, global_batch=trainer.global_batch,
+                                         num_steps=num_steps, seed=config.seed)
+    data_iter = iter(dataset)
+    mngr = make_checkpoint_manager(workdir, config)
+    latest = mngr.latest_step()
+    if latest is not None:
+        state, data_state = restore_checkpoint(mngr, latest, trainer.abstract_state,
+                                               trainer.state_shardings)
+        data_iter.set_state(data_state)
+        log.info("resumed from %s at step %d", mngr.directory, latest)
+    else:
+        init_params = None
+        if config.init_from:
+            meta, loaded = load_param_dir(config.init_from)  # any kind: the task picks its part
+            init_params = trainer.task.params_from_checkpoint(meta, loaded)
+            log.info("initialised params from %s", config.init_from)
+        state = trainer.init_state(init_params)
+    start = int(jax.device_get(state["step"]))
+    summary = {"workdir": workdir, "num_steps": num_steps, "start_step": start}
+    if start >= num_steps:
+        mngr.close()
+        return _finish(trainer, state, source, workdir, summary)
+
+    logger = None
+    # The loss of a step is read one step late (keeps the device busy); it is read at once
+    # before any save, so a checkpoint never holds a state past a non-finite step.
+    data_states = {start: data_iter.get_state()}
+    pending = None
+    step = start
+    try:
+        with _Preemption() as preempt, jax.set_mesh(trainer.mesh), \
+                nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+            while step < num_steps:
+                local_batch = next(data_iter)
+                batch = trainer.to_device(local_batch)
+                if logger is None:
+                    fn = trainer.compile_step(state, batch)
+                    logger = MetricLogger(workdir, num_steps, start, trainer.global_batch,
+                                          trainer.task.tokens_per_example, step_flops(fn),
+                                          peak_flops_per_device(config))
+                state, metrics = fn(state, trainer.frozen, batch)
+                step += 1
+                data_states[step] = data_iter.get_state()
+                data_states.pop(step - 3, None)
+                if on_step is not None:
+                    on_step(step, local_batch)
+                if pending is not None:
+                    state = _check_finite(pending, mngr, state, data_states)
+                    logger.add(pending[1])
+                pending = (step, metrics)
+                # Multi-host: Orbax's preemption sync makes every process stop at the same step.
+                preempted = mngr.reached_preemption(step) or (
+                    jax.process_count() == 1 and preempt.requested)
+                stopping = (preempted or step == num_steps
+                            or (stop_after is not None and step >= stop_after))
+                sampling = bool(config.sample_every) and step % config.sample_every == 0
+                if stopping or sampling or step % config.log_every == 0 or mngr.should_save(step):
+                    state = _check_finite(pending, mngr, state, data_states)
+                    logger.add(pending[1])
+                    pending = None
+                if step % config.log_every == 0 or step == num_steps:
+                    summary["metrics"] = logger.flush(step)
+                save_checkpoint(mngr, step, state, data_states[step], force=stopping)
+                if sampling and step < num_steps:
+                    ema = host_params(state["ema"])  # a collective: every process takes part
+                    if jax.process_index() == 0:
+                        trainer.task.sample_grid(ema, source, os.path.join(
+                            workdir, "samples", f"step_{step:07d}.png"), config.seed)
+                if stopping and step < num_steps:
+                    mngr.wait_until_finished()
+                    if preempted:
+                        log.warning("preempted: saved step %d in %s; relaunch to resume", step,
+                                    mngr.directory)
+                    summary.update(step=step, preempted=preempted, stopped=True)
+                    return summary
+            mngr.wait_until_finished()
+    finally:
+        if logger is not None:
+            logger.close()
+        mngr.close()
+    return _finish(trainer, state, source, workdir, summary)
+
+
+def _check_finite(pending, mngr, state, data_states):
+    """Stop on a NaN/inf loss of step ``pending[0]``. The jitted step masks the update of a
+    non-finite step and of every later one, so ``state`` is still the last good state: it is
+    saved (with the matching Grain iterator state) before raising."""
+    step, metrics = pending
+    loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if math.isfinite(loss) and math.isfinite(gnorm):
+        return state
+    good = int(jax.device_get(state["step"]))
+    mngr.wait_until_finished()
+    if mngr.latest_step() != good:
+        state = dict(state, ok=jax.device_put(jnp.ones((), jnp.bool_), state["ok"].sharding))
+        save_checkpoint(mngr, good, state, data_states[good], force=True)
+        mngr.wait_until_finished()
+    raise NonFiniteLossError(f"non-finite loss at step {step} (loss={loss}, grad_norm={gnorm}); "
+                             f"the last good state (step {good}) is saved in {mngr.directory}")
+
+
+def host_params(tree):
+    """Numpy copy of a (possibly multi-host sharded) param tree on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _finish(trainer: Trainer, state, source, workdir: str, summary: dict) -> dict:
+    """Final sample grid and export of the EMA params (by process 0, on its local devices)."""
+    summary["step"] = int(jax.device_get(state["step"]))
+    ema = host_params(state["ema"])
+    summary["export"] = os.path.join(workdir, "export")
+    if jax.process_index() == 0:
+        summary["samples"] = trainer.task.sample_grid(
+            ema, source, os.path.join(workdir, "samples", "final.png"), trainer.config.seed)
+        trainer.task.export(ema, summary["export"])
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return summary
+
+
+def run_pipeline(config, workdir: str, *, mesh=None) -> dict:
+    """Stages in order, each in ``workdir/<name>`` (each resumes on relaunch). A BitDance
+    stage with ``tokenizer_from_stage`` uses the tokenizer that stage exported. With
+    ``score_digits``, the final class-conditional samples are scored by a classifier fitted
+    on the real digits (``workdir/score.json``)."""
+    results = {}
+    for name in config.stages:
+        if name not in config:
+            raise ValueError(f"pipeline stage {name!r} has no config (config.{name})")
+        stage = config[name]
+        stage_dir = os.path.join(workdir, name)
+        if stage.kind == "bitdance" and stage.get("tokenizer_from_stage"):
+            with stage.unlocked():
+                stage.tokenizer_dir = os.path.join(workdir, stage.tokenizer_from_stage, "export")
+        log.info("pipeline stage %s (%s) in %s", name, stage.kind, stage_dir)
+        results[name] = train(stage, stage_dir, mesh=mesh)
+    if config.score_digits and jax.process_index() == 0:
+        from bitdance_jax.evaluation.digits_score import score_samples
+        samples = os.path.splitext(results[config.stages[-1]]["samples"])[0] + ".npz"
+        with np.load(samples) as f:
+            results["score"] = score_samples(f["images"], f["labels"])
+        with open(os.path.join(workdir, "score.json"), "w") as f:
+            json.dump(results["score"], f, indent=2)
+        log.info("digits score (share of samples classified as their class): %.3f",
+                 results["score"]["score"])
+    return results
+
+

@@ -1,0 +1,131 @@
+"""The Euler-Maruyama sampler reproduces the reference's trajectories with recorded draws."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import golden
+from bitdance_jax.porting import convention as porting
+from bitdance_jax.nn.diffusion_head import DiffusionNet, HeadConfig, port_head_state_dict
+from bitdance_jax.nn.flow import euler_maruyama, sampling_times, shift_time
+
+
+def _net_fn(config, params):
+    net = DiffusionNet(config)
+    return lambda z, t, c: net.apply({"params": params}, z, t, c)
+
+
+def _imagenet_net():
+    cfg = golden.case("sampler")["config"]
+    config = HeadConfig.from_reference_kwargs(cfg["diffhead_kwargs"], "imagenet")
+    sd = porting.tensors_to_numpy(
+        porting.load_torch_file(golden.path("ar_parallel", "checkpoint.pt"))["ema"])
+    return _net_fn(config, port_head_state_dict(sd, config, "head.net."))
+
+
+def _t2i_net():
+    with open(golden.path("t2i_model", "vision_head_config.json")) as f:
+        config = HeadConfig.from_reference_kwargs(json.load(f), "t2i")
+    sd = porting.load_safetensors(golden.path("t2i_model", "vision_head.safetensors"))
+    return _net_fn(config, port_head_state_dict(sd, config, "net."))
+
+
+def _sampler(net_fn, num_steps, shift, last_step_size):
+    """One compiled sampler per (steps, shift); cfg_scale stays a traced argument."""
+    return jax.jit(lambda cond, noise, cfg: euler_maruyama(
+        net_fn, cond, noise, num_steps=num_steps, cfg_scale=cfg, time_shift=shift,
+        last_step_size=last_step_size, return_trajectory=True))
+
+
+def _all_rows(noise, n):
+    """Recorded draws cover the state rows only (N/2 when guided); pad to the N rows we take."""
+    if noise.shape[1] == n:
+        return noise
+    return np.concatenate([noise, np.zeros_like(noise)], axis=1)
+
+
+def _check_run(case, prefix, sampler, cond, cfg, num_steps, shift, last_step_size):
+    a = golden.arrays(case)
+    recorded = a[prefix + "noise"]
+    out, traj = sampler(cond, _all_rows(recorded, cond.shape[0]), jnp.float32(cfg))
+    state_rows = recorded.shape[1]
+    golden.check(case, prefix + "trajectory", traj[:, :state_rows])
+    golden.check(case, prefix + "out", out)
+    if cfg > 1:   # guided: both halves carry the same state
+        np.testing.assert_array_equal(np.asarray(out[:state_rows]), np.asarray(out[state_rows:]))
+    step_t, _, last_t = sampling_times(num_steps, shift, last_step_size)
+    np.testing.assert_array_equal(np.append(step_t, last_t), a[prefix + "t_calls"])
+
+
+def test_imagenet_runs_share_one_compiled_sampler_per_shift():
+    case = golden.case("sampler")["config"]
+    a = golden.arrays("sampler")
+    net_fn = _imagenet_net()
+    steps, last = case["num_sampling_steps"], case["last_step_size"]
+    samplers = {}
+    for run in case["runs"]:
+        shift = run["time_shift"]
+        if shift not in samplers:
+            samplers[shift] = _sampler(net_fn, steps, shift, last)
+        cond = a["c_cond"] if run["cfg"] <= 1 else np.concatenate([a["c_cond"], a["c_uncond"]])
+        _check_run("sampler", run["prefix"], samplers[shift], cond, run["cfg"], steps, shift, last)
+
+
+def test_t2i_guided_run():
+    case = golden.case("sampler_t2i")["config"]
+    a = golden.arrays("sampler_t2i")
+    steps, shift = case["num_sampling_steps"], case["time_shift"]
+    last = case.get("last_step_size", 0.05)
+    sampler = _sampler(_t2i_net(), steps, shift, last)
+    _check_run("sampler_t2i", "", sampler, a["c"], case["cfg"], steps, shift, last)
+
+
+def test_traced_cfg_inside_a_loop_switches_guidance():
+    """The AR sampler calls one compiled sampler with cfg 1 at step 0 and > 1 later."""
+    case = golden.case("sampler")["config"]
+    a = golden.arrays("sampler")
+    net_fn = _imagenet_net()
+    steps, last = case["num_sampling_steps"], case["last_step_size"]
+    runs = {r["cfg"] > 1: r for r in case["runs"] if r["time_shift"] == case["runs"][0]["time_shift"]}
+    if set(runs) != {False, True}:
+        pytest.skip("needs a guided and an unguided run with the same shift")
+    unguided, guided = runs[False], runs[True]
+    cond = np.concatenate([a["c_cond"], a["c_uncond"]])
+    half = a["c_cond"].shape[0]
+    # Unguided, every row evolves on its own: rows [:half] replay the unguided run (cond rows).
+    noises = jnp.stack([_all_rows(a[unguided["prefix"] + "noise"], 2 * half),
+                        _all_rows(a[guided["prefix"] + "noise"], 2 * half)])
+    cfgs = jnp.asarray([unguided["cfg"], guided["cfg"]], jnp.float32)
+
+    def body(i, outs):
+        out = euler_maruyama(net_fn, cond, noises[i], num_steps=steps, cfg_scale=cfgs[i],
+                             time_shift=guided["time_shift"], last_step_size=last)
+        return outs.at[i].set(out)
+
+    outs = jax.jit(lambda: jax.lax.fori_loop(0, 2, body, jnp.zeros((2,) + cond.shape[:-1]
+                                                                    + noises.shape[-1:])))()
+    golden.check("sampler", unguided["prefix"] + "out", outs[0, :half])
+    golden.check("sampler", guided["prefix"] + "out", outs[1])
+
+
+def test_time_shift_edges():
+    grid = np.array([0.0, 0.5, 1.0], np.float32)
+    with np.errstate(divide="ignore"):
+        shifted = shift_time(grid, 3.0)
+    np.testing.assert_allclose(shifted, [0.0, 0.25, 1.0], rtol=1e-6)
+    step_t, dt, last_t = sampling_times(4, 1.0)
+    assert step_t[0] == 0 and last_t == np.float32(0.95)
+    np.testing.assert_allclose(step_t[-1] + dt[-1], 0.95, rtol=1e-6)
+
+
+def test_bad_sampler_inputs_raise():
+    net_fn = lambda z, t, c: z
+    cond = jnp.zeros((3, 2, 4))
+    with pytest.raises(ValueError, match="noise"):
+        euler_maruyama(net_fn, cond, jnp.zeros((2, 3, 2, 4)), num_steps=2, cfg_scale=1.0,
+                       time_shift=1.0)
+    with pytest.raises(ValueError, match="even"):
+        euler_maruyama(net_fn, cond, jnp.zeros((3, 3, 2, 4)), num_steps=2, cfg_scale=2.0,
+                       time_shift=1.0)
