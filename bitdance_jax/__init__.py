@@ -1,6 +1,6 @@
 """bitdance-jax: BitDance (binary-token autoregressive image generation) in JAX/Flax."""
 from bitdance_jax.c2i.api import load_model
-from bitdance_jax.c2i.model import BitDanceConfig
+from bitdance_jax.c2i.config import BitDanceConfig
 from bitdance_jax.nn.diffusion_head import DiffusionNet, HeadConfig
 from bitdance_jax.porting.c2i import port_imagenet_checkpoint
 from bitdance_jax.t2i.pipeline import load_t2i

@@ -1,3 +1,4 @@
+"""Shared test setup: CPU with 8 simulated devices, the golden marker, a compilation cache."""
 import os
 import sys
 
@@ -23,3 +24,11 @@ def compilation_cache(tmp_path_factory):
     yield
     for k, v in old.items():
         jax.config.update(k, v)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests of modules that read the golden fixtures are marked ``golden``."""
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and "golden" in vars(module):
+            item.add_marker(pytest.mark.golden)

@@ -24,7 +24,8 @@ from flax import linen as nn
 
 from bitdance_jax.nn.diffusion_head import abstract_head_params
 from bitdance_jax.nn.layers import DTYPES
-from bitdance_jax.c2i.model import BitDanceConfig, abstract_backbone_params
+from bitdance_jax.c2i.config import BitDanceConfig
+from bitdance_jax.c2i.model import abstract_backbone_params
 from bitdance_jax.c2i.api import load_model
 from bitdance_jax.c2i.sampler import Sampler
 from bitdance_jax.configs.bitdance_models import MODELS

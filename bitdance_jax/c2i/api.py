@@ -17,7 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bitdance_jax import images as image_lib
 from bitdance_jax.c2i import sampler
-from bitdance_jax.c2i.model import BitDanceConfig, released_name, to_unscanned
+from bitdance_jax.c2i.config import BitDanceConfig, released_name
+from bitdance_jax.c2i.model import to_unscanned
 from bitdance_jax.checkpointing import param_dir
 from bitdance_jax.parallel import sharding
 from bitdance_jax.tokenizer.api import Tokenizer

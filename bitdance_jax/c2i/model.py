@@ -1,19 +1,18 @@
 """Class-conditional BitDance (ImageNet models): the autoregressive transformer over binary
-latent tokens and its training loss.
+latent tokens (2D RoPE, block-causal attention, KV-cache prefill and steps).
 
 The sequence is ``cls_token_num`` class-embedding tokens, ``parallel_num - 1`` learned query
 tokens, then the input projection of every latent token but the last ``parallel_num``.
 Attention is block-causal: causal between AR steps, bidirectional inside the block of
 ``parallel_num`` slots one step predicts (P = 1 is plain causal attention). The hidden state
 of each predicted token (normed, plus a per-position embedding) conditions the binary
-diffusion head (``bitdance_jax.diffusion_head``).
+diffusion head (``bitdance_jax.nn.diffusion_head``).
 
 Parameters are split in two trees, ``model`` (``BitDanceBackbone``, torch names of the
 reference's top-level modules) and ``head`` (``DiffusionNet``, torch ``head.net.*``).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from typing import Any, Mapping
@@ -23,169 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from bitdance_jax.nn import flow
 from bitdance_jax.nn import patching
 from bitdance_jax.porting import convention as porting
-from bitdance_jax.nn.diffusion_head import DiffusionNet, HeadConfig
+from bitdance_jax.c2i.config import REMAT_POLICIES, BitDanceConfig
+from bitdance_jax.nn.diffusion_head import DiffusionNet
 from bitdance_jax.nn.layers import RMSNorm, dense, embed, swiglu
 
 Dtype = Any
-PARALLEL_MODES = ("patch", "standard")
-# Rematerialisation of each transformer block when training: what the backward pass keeps.
-REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.checkpoint_dots}
 ROPE_BASE = 10000.0
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-@dataclasses.dataclass(frozen=True)
-class BitDanceConfig:
-    """Architecture and training schedule of a class-conditional BitDance model.
-
-    ``parallel_num`` tokens are predicted per AR step (1 = the reference's model.py, no query
-    tokens and an MLP head; > 1 = model_parallel.py). ``parallel_mode='patch'`` orders the
-    latents in p x p patches (p = sqrt(parallel_num)); ``'standard'`` keeps raster order.
-
-    ``remat`` ("none", "full", "dots") and ``scan_layers`` trade memory and compile time,
-    never results. ``scan_layers`` also changes the param layout: the blocks' params are
-    stacked under ``layers`` (leading axis, logical name "layers") instead of ``layers_<i>``
-    (see ``stack_layer_params``); ported and saved directories always hold ``layers_<i>``.
-    """
-    dim: int
-    n_layer: int
-    n_head: int
-    diff_layers: int
-    diff_dim: int
-    diff_adanln_layers: int
-    latent_dim: int = 32
-    grid_size: int = 16
-    cls_token_num: int = 64
-    num_classes: int = 1000
-    parallel_num: int = 1
-    parallel_mode: str = "patch"
-    diff_batch_mul: int = 4
-    time_shift: float = 1.0
-    P_mean: float = -0.8
-    P_std: float = 0.8
-    remat: str = "none"
-    scan_layers: bool = False
-
-    def __post_init__(self):
-        for name in ("dim", "n_layer", "n_head", "diff_layers", "diff_dim", "diff_adanln_layers",
-                     "latent_dim", "grid_size", "cls_token_num", "num_classes", "diff_batch_mul"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        patching.patch_side(self.parallel_num)
-        if self.parallel_mode not in PARALLEL_MODES:
-            raise ValueError(f"parallel_mode must be one of {PARALLEL_MODES}, got {self.parallel_mode!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
-        if not isinstance(self.scan_layers, (bool, np.bool_)):
-            raise ValueError(f"scan_layers must be a bool, got {self.scan_layers!r}")
-        if self.dim % self.n_head or (self.dim // self.n_head) % 4:
-            raise ValueError(f"dim {self.dim} / n_head {self.n_head} must give a head size "
-                             "divisible by 4 (2D rotary embedding)")
-        if self.num_tokens % self.parallel_num:
-            raise ValueError(f"{self.num_tokens} latent tokens do not split into steps of "
-                             f"{self.parallel_num}")
-        if self.grid_size % self.token_patch:
-            raise ValueError(f"grid {self.grid_size} does not split into {self.token_patch}x"
-                             f"{self.token_patch} patches")
-        self.head_config  # validates the head
-
-    # --- derived sizes
-    @property
-    def num_tokens(self) -> int:
-        return self.grid_size * self.grid_size
-
-    @property
-    def num_steps(self) -> int:
-        """AR steps of the sampler."""
-        return self.num_tokens // self.parallel_num
-
-    @property
-    def seq_len(self) -> int:
-        """Slots of the full sequence: class tokens + queries + all but the last P latents."""
-        return self.cls_token_num + self.num_tokens - 1
-
-    @property
-    def prefix_len(self) -> int:
-        """Slots fed at AR step 0: class tokens and query tokens."""
-        return self.cls_token_num + self.parallel_num - 1
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
-
-    @property
-    def ffn_hidden(self) -> int:
-        hidden = int(2 * 4 * self.dim / 3)
-        return -(-hidden // 256) * 256
-
-    @property
-    def token_patch(self) -> int:
-        """Patch side of the token order (1 = raster)."""
-        return patching.patch_side(self.parallel_num) if self.parallel_mode == "patch" else 1
-
-    @property
-    def head_config(self) -> HeadConfig:
-        return HeadConfig(ch_target=self.latent_dim, ch_cond=self.dim, ch_latent=self.diff_dim,
-                          depth_latent=self.diff_layers, depth_adanln=self.diff_adanln_layers,
-                          parallel_num=self.parallel_num, variant="imagenet",
-                          time_shift=self.time_shift, P_mean=self.P_mean, P_std=self.P_std,
-                          diff_batch_mul=self.diff_batch_mul)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "BitDanceConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown BitDanceConfig keys: {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def from_reference_kwargs(cls, kwargs: Mapping[str, Any]) -> "BitDanceConfig":
-        """Config from the reference ``BitDance(**kwargs)`` (no ``parallel_num``: model.py)."""
-        kwargs = dict(kwargs)
-        if int(kwargs.pop("patch_size", 1)) != 1:
-            raise ValueError("only patch_size 1 (one latent cell per token) is supported")
-        schedule = kwargs.pop("time_schedule", "logit_normal")
-        if schedule != "logit_normal":
-            raise ValueError(f"time_schedule {schedule!r} is not supported (only 'logit_normal')")
-        resolution, down = int(kwargs.pop("resolution")), int(kwargs.pop("down_size"))
-        if resolution % down:
-            raise ValueError(f"resolution {resolution} is not a multiple of down_size {down}")
-        for ignored in ("grad_checkpointing", "trained_vae", "drop_rate", "perturb_schedule",
-                        "perturb_rate", "perturb_rate_max", "class_dropout_prob"):
-            kwargs.pop(ignored, None)
-        if "parallel_num" not in kwargs:
-            kwargs["parallel_num"] = 1
-        return cls.from_dict({**kwargs, "grid_size": resolution // down})
-
-
-# Released ImageNet architectures (reference model.py / model_parallel.py presets + the
-# flags of its README: 256px, 16x down, 32-bit latents, 64 class tokens, patch order).
-MODEL_SIZES = {
-    "B": dict(dim=768, n_layer=24, n_head=12, diff_layers=6, diff_dim=768, diff_adanln_layers=2),
-    "L": dict(dim=1024, n_layer=32, n_head=16, diff_layers=8, diff_dim=1024, diff_adanln_layers=2),
-    "H": dict(dim=1280, n_layer=40, n_head=20, diff_layers=12, diff_dim=1280, diff_adanln_layers=3)}
-RELEASED_MODELS: dict[str, BitDanceConfig] = {
-    f"BitDance-{size}-{p}x": BitDanceConfig(**dims, latent_dim=32, grid_size=16, cls_token_num=64,
-                                            num_classes=1000, parallel_num=p, parallel_mode="patch",
-                                            diff_batch_mul=4)
-    for size, dims in MODEL_SIZES.items() for p in (1, 4, 16)}
-# Classifier-free guidance of the reference README per released model.
-DEFAULT_CFG_SCALES = {"BitDance-B-1x": 3.2, "BitDance-B-4x": 3.9, "BitDance-B-16x": 6.1,
-                      "BitDance-L-1x": 4.0, "BitDance-H-1x": 4.55}
-
-
-def released_name(config: BitDanceConfig) -> str | None:
-    """Name of the released architecture ``config`` has (schedule values aside), if any."""
-    arch = dataclasses.replace(config, diff_batch_mul=4, time_shift=1.0, P_mean=-0.8, P_std=0.8,
-                               remat="none", scan_layers=False)
-    return next((name for name, c in RELEASED_MODELS.items() if c == arch), None)
 
 
 # ----------------------------------------------------------------------------- position / mask
@@ -409,11 +254,6 @@ class BitDanceBackbone(nn.Module):
         return x + pos.astype(x.dtype), caches
 
 
-def inference_config(config: BitDanceConfig) -> BitDanceConfig:
-    """The config the KV-cache sampler runs: unscanned layers (params ``layers_<i>``), no remat."""
-    return dataclasses.replace(config, remat="none", scan_layers=False)
-
-
 def stack_layer_params(params: Mapping[str, Any], n_layer: int) -> dict:
     """Backbone params with ``layers_0 .. layers_<n_layer-1>`` -> the ``scan_layers`` layout
     (one ``layers`` subtree, each leaf stacked on a new leading axis). Other entries stay."""
@@ -500,58 +340,3 @@ def head_apply(config: BitDanceConfig, head_params, dtype: Dtype = jnp.float32):
     return net_fn
 
 
-def flip_bits(rng, tokens, rate):
-    """Training perturbation of the input latents: each sign flips where u1 < rate * u2
-    (u1, u2 uniform), i.e. with a per-element probability uniform in [0, rate]."""
-    k1, k2 = jax.random.split(rng)
-    u1 = jax.random.uniform(k1, tokens.shape)
-    u2 = jax.random.uniform(k2, tokens.shape)
-    return jnp.where(u1 < rate * u2, -tokens, tokens)
-
-
-def _is_zero(rate) -> bool:
-    """A rate known (untraced) to be zero: skip the random draws."""
-    return isinstance(rate, (int, float)) and rate == 0
-
-
-def bitdance_loss(params, latents, class_ids, rng=None, *, config: BitDanceConfig,
-                  t_raw=None, noise=None, bit_flip_rate: float = 0.0, label_drop: float = 0.1,
-                  dtype: Dtype = jnp.float32):
-    """Flow-matching loss of a class-conditional BitDance model (scalar).
-
-    ``latents`` [B, h, w, C] in {-1, +1} (NHWC grid), ``class_ids`` [B]. With ``rng`` the
-    input latents get bit flips (``bit_flip_rate``) and labels are dropped to the null class
-    with probability ``label_drop``; ``t_raw`` [B*h*w/P*diff_batch_mul] and ``noise`` (the
-    tiled target's shape) default to draws from ``rng``. Without ``rng`` (evaluation) there
-    is no perturbation and ``t_raw``/``noise`` must be given. The rates may be traced
-    (e.g. a schedule).
-    """
-    cfg = config
-    if latents.ndim != 4 or latents.shape[1:] != (cfg.grid_size, cfg.grid_size, cfg.latent_dim):
-        raise ValueError(f"latents must be [B, {cfg.grid_size}, {cfg.grid_size}, {cfg.latent_dim}] "
-                         f"(NHWC), got {latents.shape}")
-    if rng is None and (t_raw is None or noise is None):
-        raise ValueError("without rng, pass the draws t_raw and noise explicitly")
-    target = patching.patchify(latents.astype(jnp.float32), cfg.token_patch)
-    inputs = target
-    if rng is not None:
-        k_flip, k_drop, k_t, k_noise = jax.random.split(rng, 4)
-        if not _is_zero(bit_flip_rate):
-            inputs = flip_bits(k_flip, inputs, bit_flip_rate)
-        if not _is_zero(label_drop):
-            drop = jax.random.uniform(k_drop, class_ids.shape) < label_drop
-            class_ids = jnp.where(drop, cfg.num_classes, class_ids)
-    backbone = BitDanceBackbone(cfg, dtype=dtype, param_dtype=jnp.float32)
-    hidden = backbone.apply({"params": params["model"]}, inputs, class_ids)
-    cond = hidden.reshape(-1, cfg.parallel_num, cfg.dim)
-    target = target.reshape(-1, cfg.parallel_num, cfg.latent_dim)
-    cond = jnp.tile(cond, (cfg.diff_batch_mul, 1, 1))
-    target = jnp.tile(target, (cfg.diff_batch_mul, 1, 1))
-    if t_raw is None:
-        t_raw = jax.random.normal(k_t, target.shape[:1], jnp.float32)
-    if noise is None:
-        noise = jax.random.normal(k_noise, target.shape, jnp.float32)
-    noise = jnp.asarray(noise).reshape(target.shape)
-    return flow.flow_matching_loss(head_apply(cfg, params["head"], dtype), target, cond,
-                                   jnp.asarray(t_raw), noise, P_mean=cfg.P_mean, P_std=cfg.P_std,
-                                   time_shift=cfg.time_shift)

@@ -26,8 +26,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from bitdance_jax.nn import flow
 from bitdance_jax.nn import patching
 from bitdance_jax.parallel import sharding
-from bitdance_jax.c2i.model import (BitDanceBackbone, BitDanceConfig, head_apply, inference_config,
-                                init_cache, unstack_layer_params)
+from bitdance_jax.c2i.config import BitDanceConfig, inference_config
+from bitdance_jax.c2i.model import BitDanceBackbone, head_apply, init_cache, unstack_layer_params
 
 Dtype = Any
 NoiseFn = Callable[[jax.Array], jax.Array]

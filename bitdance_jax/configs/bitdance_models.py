@@ -4,7 +4,7 @@ tokens per AR step) and a tiny one for CPU smoke runs, with the reference's guid
     from bitdance_jax.configs.bitdance_models import get_model
     config = get_model("BitDance-B-4x")      # a bitdance_jax.c2i.model.BitDanceConfig
 """
-from bitdance_jax.c2i.model import DEFAULT_CFG_SCALES, RELEASED_MODELS, BitDanceConfig
+from bitdance_jax.c2i.config import DEFAULT_CFG_SCALES, RELEASED_MODELS, BitDanceConfig
 
 # A few-seconds-on-CPU model: the tiny golden architecture (4x4 grid, 4 tokens per step).
 TINY = BitDanceConfig(dim=64, n_layer=2, n_head=4, diff_layers=2, diff_dim=64, diff_adanln_layers=2,

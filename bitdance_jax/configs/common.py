@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from bitdance_jax.c2i.model import DEFAULT_CFG_SCALES, MODEL_SIZES
+from bitdance_jax.c2i.config import DEFAULT_CFG_SCALES, MODEL_SIZES
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:

@@ -5,7 +5,7 @@ tokens per step, ``SIZE,PARALLEL`` with SIZE in B, L, H and PARALLEL in 1, 4, 16
     python -m bitdance_jax.train --config configs/imagenet_bitdance.py:B,4 --workdir DIR \
         --config.tokenizer_dir=PORTED_AE_D16C32 --config.data.path=/data/imagenet/train
 """
-from bitdance_jax.c2i.model import MODEL_SIZES
+from bitdance_jax.c2i.config import MODEL_SIZES
 from bitdance_jax.configs.common import imagenet_bitdance
 
 PARALLEL_NUMS = (1, 4, 16)

@@ -8,9 +8,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from bitdance_jax.c2i.api import KIND
-from bitdance_jax.c2i.model import (DEFAULT_CFG_SCALES, MODEL_SIZES, RELEASED_MODELS,
-                                    BitDanceConfig, abstract_backbone_params, from_unscanned,
-                                    inference_config, released_name)
+from bitdance_jax.c2i.config import DEFAULT_CFG_SCALES, MODEL_SIZES, RELEASED_MODELS, BitDanceConfig, inference_config, released_name
+from bitdance_jax.c2i.model import abstract_backbone_params, from_unscanned
 from bitdance_jax.checkpointing import param_dir
 from bitdance_jax.nn.diffusion_head import infer_head_config, port_head_state_dict
 from bitdance_jax.porting import convention as porting

@@ -1,6 +1,6 @@
 """Tokenizer round trip on real image files: encode to bits, decode, report PSNR/SSIM.
 
-    python -m bitdance_jax.tokenize --ckpt DIR --images a.png b.jpg --out recon.png
+    python -m bitdance_jax.tokenizer --ckpt DIR --images a.png b.jpg --out recon.png
 
 Each image is converted to RGB, centre-cropped to a square and resized to ``--size``
 (``--resize-mode resize`` stretches instead). ``--out`` gets a grid with one row per

@@ -10,7 +10,9 @@ import pytest
 import golden
 from bitdance_jax.nn import patching
 from bitdance_jax.porting import convention as porting
-from bitdance_jax.c2i.model import BitDanceBackbone, BitDanceConfig, bitdance_loss
+from bitdance_jax.c2i.config import BitDanceConfig
+from bitdance_jax.c2i.loss import bitdance_loss
+from bitdance_jax.c2i.model import BitDanceBackbone
 from bitdance_jax.porting.c2i import infer_config, port_model_state_dict
 from bitdance_jax.c2i.sampler import generate
 from bitdance_jax.tokenizer.model import TokenizerConfig
@@ -109,10 +111,11 @@ def test_sampling_runs(case_name):
         golden.check(case_name, f"{prefix}images", np.moveaxis(tokenizer.decode(grid), -1, 1))
 
 
+@pytest.mark.slow
 def test_training_perturbations():
     """Label dropout sends rows to the null class; bit flips hit each sign with probability
     uniform in [0, rate] (mean rate / 2); both only with an rng, and gradients flow."""
-    from bitdance_jax.c2i.model import flip_bits
+    from bitdance_jax.c2i.loss import flip_bits
     case_name = "ar_parallel"
     config, params, _ = load_case(case_name)
     a = golden.arrays(case_name)

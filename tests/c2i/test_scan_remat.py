@@ -14,9 +14,9 @@ from bitdance_jax.data import pipeline as data_lib
 from bitdance_jax.porting import convention as porting
 from bitdance_jax.parallel import sharding
 from bitdance_jax.train import trainer as train
-from bitdance_jax.c2i.model import (BitDanceConfig, abstract_backbone_params, bitdance_loss,
-                                from_unscanned, init_params, stack_layer_params, to_unscanned,
-                                unstack_layer_params)
+from bitdance_jax.c2i.config import BitDanceConfig
+from bitdance_jax.c2i.loss import bitdance_loss
+from bitdance_jax.c2i.model import abstract_backbone_params, from_unscanned, init_params, stack_layer_params, to_unscanned, unstack_layer_params
 from bitdance_jax.train.optimizer import weight_decay_mask
 from bitdance_jax.configs.common import base_config
 
@@ -59,6 +59,7 @@ def assert_close(a, b, rtol=1e-5, atol=1e-6):
                                                          rtol=rtol, atol=atol), a, b)
 
 
+@pytest.mark.slow
 def test_scanned_loss_and_grads_equal_unscanned():
     params = random_params(CONFIG)
     scanned = dataclasses.replace(CONFIG, scan_layers=True)
@@ -159,6 +160,7 @@ def test_sampler_takes_scanned_params():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_trainer_step_with_scan_and_remat_and_unscanned_export(tmp_path):
     """The trainer runs a step of a scan + remat model (tokenizer encoding inside the step);
     its export holds the unscanned layout, which a scanned run takes back as init."""

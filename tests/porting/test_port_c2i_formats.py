@@ -12,8 +12,8 @@ from flax import linen as nn
 import golden
 from bitdance_jax.porting import convention as porting
 from bitdance_jax.nn.diffusion_head import abstract_head_params
-from bitdance_jax.c2i.model import (DEFAULT_CFG_SCALES, RELEASED_MODELS, BitDanceConfig,
-                                abstract_backbone_params, released_name)
+from bitdance_jax.c2i.config import DEFAULT_CFG_SCALES, RELEASED_MODELS, BitDanceConfig, released_name
+from bitdance_jax.c2i.model import abstract_backbone_params
 from bitdance_jax.porting.c2i import HEAD_PREFIX, VAE_PREFIX, infer_config, port_imagenet_checkpoint
 from bitdance_jax.tokenizer.api import abstract_tokenizer_params
 from bitdance_jax.porting.tokenizer import infer_tokenizer_config

@@ -13,7 +13,7 @@ from bitdance_jax import load_model, load_tokenizer
 from bitdance_jax.porting import cli as port_cli
 from bitdance_jax.porting import convention as porting
 from bitdance_jax.checkpointing.param_dir import load_param_dir
-from bitdance_jax.c2i.model import BitDanceConfig
+from bitdance_jax.c2i.config import BitDanceConfig
 from bitdance_jax.porting.c2i import port_model_state_dict
 
 

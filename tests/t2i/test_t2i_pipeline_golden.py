@@ -296,6 +296,7 @@ def test_sizes(pipe):
         pipe.sample_latents("x", side * f, p * f, num_sampling_steps=1, guidance_scale=1.0)
 
 
+@pytest.mark.slow
 def test_cli_prompts_file(tmp_path, capsys):
     cfg = golden.case("t2i_gen")["config"]
     prompts = tmp_path / "prompts.txt"
@@ -322,6 +323,7 @@ def test_cli_prompts_file(tmp_path, capsys):
     assert "image steps" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sharded_sampling_equals_unsharded(pipe):
     """Params over a (data 1, fsdp 2, tensor 4) mesh of 8 simulated CPU devices: same tokens."""
     import jax

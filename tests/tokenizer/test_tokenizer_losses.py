@@ -54,6 +54,7 @@ def nonzero(tree):
     return any(bool(np.any(np.asarray(g) != 0)) for g in jax.tree.leaves(tree))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", tokenizer_losses.ADVERSARIAL_LOSSES)
 def test_each_param_group_gets_only_its_own_gradient(kind):
     config = both_terms()
@@ -78,6 +79,7 @@ def test_each_param_group_gets_only_its_own_gradient(kind):
                  total["discriminator"], disc_grads["discriminator"])
 
 
+@pytest.mark.slow
 def test_adversarial_terms_are_zero_before_the_start_step():
     config = both_terms(start=5)
     task, params = task_and_params(config)
@@ -122,6 +124,7 @@ def test_default_config_keeps_the_tokenizer_param_tree():
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), adv_params["tokenizer"], params)
 
 
+@pytest.mark.slow
 def test_trainer_steps_with_both_terms_and_the_export_loads(tmp_path):
     from bitdance_jax.checkpointing.param_dir import load_param_dir
     from bitdance_jax.tokenizer.api import load_tokenizer

@@ -35,7 +35,7 @@ from bitdance_jax.train.tasks.t2i import T2ITask, text_vocab_size
 CAPTIONS = [caption_sources.digit_caption(d) for d in range(10)] + [
     "a handwritten digit seven drawn with a thick black pen on white paper"]
 
-pytestmark = pytest.mark.usefixtures("compilation_cache")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from bitdance_jax.configs.common import base_config, tokenizer_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-pytestmark = pytest.mark.usefixtures("compilation_cache")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
 
 def tiny_config(**kw):
@@ -354,7 +354,7 @@ def test_every_config_loads(name, tmp_path):
                                    "--workdir", str(tmp_path)])
     assert config.kind in KINDS
     if name.startswith("imagenet_bitdance.py:"):
-        from bitdance_jax.c2i.model import BitDanceConfig, released_name
+        from bitdance_jax.c2i.config import BitDanceConfig, released_name
         size, par = name.split(":")[1].split(",")
         arch = BitDanceConfig(**config.model.to_dict(), latent_dim=32, grid_size=16)
         assert released_name(arch) == f"BitDance-{size}-{par}x"  # the released model

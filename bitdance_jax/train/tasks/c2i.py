@@ -12,7 +12,9 @@ from bitdance_jax.data import latent_cache
 from bitdance_jax.data.sources import make_source
 from bitdance_jax import images as image_lib
 from bitdance_jax.nn.layers import DTYPES
-from bitdance_jax.c2i.model import BitDanceConfig, bitdance_loss, from_unscanned, init_params
+from bitdance_jax.c2i.config import BitDanceConfig
+from bitdance_jax.c2i.loss import bitdance_loss
+from bitdance_jax.c2i.model import from_unscanned, init_params
 from bitdance_jax.tokenizer.model import quantize_signs
 from bitdance_jax.tokenizer.api import load_tokenizer
 from bitdance_jax.train.tasks.base import Task

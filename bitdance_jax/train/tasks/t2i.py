@@ -21,7 +21,7 @@ import numpy as np
 from flax import linen as nn
 
 from bitdance_jax import images as image_lib
-from bitdance_jax.c2i.model import flip_bits
+from bitdance_jax.c2i.loss import flip_bits
 from bitdance_jax.checkpointing import param_dir
 from bitdance_jax.data import captions, latent_cache, packing
 from bitdance_jax.data.word_tokenizer import build_word_tokenizer
