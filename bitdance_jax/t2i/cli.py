@@ -2,6 +2,10 @@
 
     python -m bitdance_jax.t2i --ckpt DIR --prompt "a red cube" --height 1024 --width 1024 --out a.png
     python -m bitdance_jax.t2i --ckpt DIR --prompts-file prompts.txt --out-dir images/
+    python -m bitdance_jax.t2i --ckpt DIR --prompts-file dpg_bench/prompts.json --layout dpg \
+        --out-dir results/dpg --num-images 4 --guidance-scale 7.5 --height 1024 --width 1024
+    python -m bitdance_jax.t2i --ckpt DIR --layout geneval --out-dir results/geneval \
+        --prompts-file geneval/evaluation_metadata_long.jsonl --num-images 4 --guidance-scale 13
 """
 from __future__ import annotations
 
@@ -12,66 +16,89 @@ import sys
 
 import jax.numpy as jnp
 
+from bitdance_jax import images as image_lib
 from bitdance_jax.checkpointing.param_dir import CheckpointError
 from bitdance_jax.porting.convention import PortingError
+from bitdance_jax.t2i import evaluation
 from bitdance_jax.t2i.pipeline import load_t2i, to_pil
 from bitdance_jax.t2i.prompts import read_prompts_file
+
+
+def run_prompt_set(pipe, entries, args) -> list[str]:
+    """Sample this process's pending prompts in batches and write them in ``args.layout``."""
+    import jax
+    from tqdm import tqdm
+    mine = evaluation.process_share(entries, jax.process_index(), jax.process_count())
+    todo = evaluation.pending(mine, args.out_dir, args.layout, args.num_images)
+    written = []
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="prompts", unit="prompt",
+               dynamic_ncols=True)
+    for start in range(0, len(todo), args.batch_size):
+        chunk = todo[start:start + args.batch_size]
+        seeds = [args.seed + e.index for e in chunk]
+        bits = pipe.sample_latents([e.prompt for e in chunk], args.height, args.width,
+                                   num_sampling_steps=args.steps,
+                                   guidance_scale=args.guidance_scale,
+                                   num_images=args.num_images,
+                                   noise_source=evaluation.per_prompt_noise(seeds, args.num_images))
+        images = image_lib.to_uint8_like_reference(pipe.decode_latents(bits, seed=seeds[0]))
+        for k, entry in enumerate(chunk):
+            written += evaluation.write_prompt(
+                args.out_dir, entry, images[k * args.num_images:(k + 1) * args.num_images],
+                args.layout)
+        bar.update(len(chunk))
+    bar.close()
+    return written
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="released folder or ported directory")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
-    src.add_argument("--prompts-file", help="text file, one prompt per line")
+    src.add_argument("--prompts-file", help="prompt set: .txt (one per line), .json (DPG-Bench "
+                                            "{id: prompt}) or .jsonl (GenEval metadata lines)")
     p.add_argument("--out", help="PNG path (--prompt; several images get _<i> suffixes)")
-    p.add_argument("--out-dir", help="folder for --prompts-file: <line index>[_<i>].png")
+    p.add_argument("--out-dir", help="output folder of a --prompts-file run")
+    p.add_argument("--layout", choices=evaluation.LAYOUTS, default="flat",
+                   help="--prompts-file outputs: flat PNGs, DPG-Bench grids or GenEval folders")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--steps", type=int, default=50, help="SDE steps of the head per image step")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first batch (+1 per batch)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="--prompt: its seed; --prompts-file: prompt i uses seed + i")
     p.add_argument("--batch-size", type=int, default=1, help="prompts sampled together")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="param and compute dtype")
     args = p.parse_args(argv)
-    from tqdm import tqdm
 
     try:
         if args.prompt is not None and not args.out:
             raise ValueError("--prompt needs --out")
         if args.prompts_file is not None and not args.out_dir:
             raise ValueError("--prompts-file needs --out-dir")
-        prompts = [args.prompt] if args.prompt is not None else read_prompts_file(args.prompts_file)
+        if args.batch_size < 1 or args.num_images < 1:
+            raise ValueError("--batch-size and --num-images must be >= 1")
+        entries = read_prompts_file(args.prompts_file) if args.prompts_file else None
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         pipe = load_t2i(args.ckpt, param_dtype=dtype, dtype=dtype)
         pipe.check_size(args.height, args.width)  # fail before any work
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        written = []
-        bar = tqdm(total=len(prompts), desc="prompts", unit="prompt", disable=len(prompts) == 1)
-        for start in range(0, len(prompts), args.batch_size):
-            chunk = prompts[start:start + args.batch_size]
-            seed = args.seed + start // args.batch_size
-            bits = pipe.sample_latents(chunk, args.height, args.width,
+        if entries is not None:
+            written = run_prompt_set(pipe, entries, args)
+        else:
+            bits = pipe.sample_latents(args.prompt, args.height, args.width,
                                        num_sampling_steps=args.steps,
                                        guidance_scale=args.guidance_scale,
-                                       num_images=args.num_images, seed=seed,
-                                       progress=len(prompts) == 1)
-            images = to_pil(pipe.decode_latents(bits, seed=seed))
-            for k, im in enumerate(images):
-                i, j = start + k // args.num_images, k % args.num_images
-                if args.prompt is not None:
-                    stem, ext = os.path.splitext(args.out)
-                    path = args.out if args.num_images == 1 else f"{stem}_{j}{ext or '.png'}"
-                else:
-                    name = f"{i:05d}.png" if args.num_images == 1 else f"{i:05d}_{j}.png"
-                    path = os.path.join(args.out_dir, name)
+                                       num_images=args.num_images, seed=args.seed, progress=True)
+            stem, ext = os.path.splitext(args.out)
+            written = []
+            for j, im in enumerate(to_pil(pipe.decode_latents(bits, seed=args.seed))):
+                path = args.out if args.num_images == 1 else f"{stem}_{j}{ext or '.png'}"
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 im.save(path)
                 written.append(path)
-            bar.update(len(chunk))
-        bar.close()
     except (ValueError, FileNotFoundError, PortingError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,8 @@ The sequence is the chat-formatted prompt, ``<|vision_start|> <|res_h|> <|res_w|
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 UNCOND_PROMPT = "<|im_start|>assistant\n"
@@ -15,13 +17,56 @@ def cond_prompt(prompt: str) -> str:
     return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def read_prompts_file(path: str) -> list[str]:
-    """One prompt per non-empty line (the DPG-Bench / GenEval prompt-list form)."""
+@dataclasses.dataclass(frozen=True)
+class PromptEntry:
+    """One prompt of a prompt set: its id in the set (names its outputs), the text, and the
+    source line for sets that carry per-prompt metadata (GenEval's JSONL)."""
+    index: int
+    id: str
+    prompt: str
+    metadata: str | None = None
+
+
+def read_prompts_file(path: str) -> list[PromptEntry]:
+    """A prompt set: ``.txt`` (one prompt per non-empty line), ``.json`` (DPG-Bench's
+    ``{id: prompt}``, or a list of prompts or of ``{"prompt": ...}`` objects) or ``.jsonl``
+    (one ``{"prompt": ..., ...}`` object per line, GenEval's metadata form; the line is kept)."""
+    ext = os.path.splitext(path)[1].lower()
     with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
+        text = f.read()
+    if ext == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"prompts file {path} is not valid JSON: {e}") from None
+        items = list(data.items()) if isinstance(data, dict) else list(enumerate(data))
+        entries = []
+        for i, (key, value) in enumerate(items):
+            prompt = value.get("prompt") if isinstance(value, dict) else value
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"prompts file {path}: entry {key!r} has no prompt text")
+            entries.append(PromptEntry(i, str(key), prompt.strip(),
+                                       json.dumps(value) if isinstance(value, dict) else None))
+    elif ext == ".jsonl":
+        entries = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON object: {e}") from None
+            if not isinstance(value, dict) or not isinstance(value.get("prompt"), str):
+                raise ValueError(f"{path}:{n}: expected an object with a 'prompt' string")
+            i = len(entries)
+            entries.append(PromptEntry(i, str(i), value["prompt"].strip(), line.rstrip("\n") + "\n"))
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        entries = [PromptEntry(i, str(i), line) for i, line in enumerate(lines)]
+    if not entries:
         raise ValueError(f"prompts file {path} holds no prompts")
-    return prompts
+    return entries
+
 
 class TextTokenizer:
     """The folder's ``tokenizer.json`` through the ``tokenizers`` library."""

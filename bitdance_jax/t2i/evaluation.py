@@ -1,0 +1,99 @@
+"""Prompt-set runs in the reference's evaluation layouts (DPG-Bench grids, GenEval folders, flat PNGs): per-prompt seeds, resume, one contiguous share per process.
+
+Layouts, for ``num_images`` images per prompt:
+
+* ``flat``: ``<index:05d>.png`` (one image) or ``<index:05d>_<j>.png``;
+* ``dpg``: ``<id>.png``, the images as one grid of two columns, no padding (DPG-Bench reads
+  the 2x2 grid of four images);
+* ``geneval``: ``<index:05d>/metadata.jsonl`` (the prompt's line), ``<index:05d>/samples/<k:04d>.png``
+  and ``<index:05d>/grid.png``, written last (GenEval's evaluator reads this tree).
+
+Every file is written under a temporary name and renamed, and a prompt counts as done once its
+last file exists, so a rerun after an interruption resumes from the first prompt not done.
+Prompt ``i`` is sampled from seed ``seed + i`` whatever the batch size or process count.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from bitdance_jax import images as image_lib
+from bitdance_jax.checkpointing.atomic import atomic_write
+from bitdance_jax.t2i.prompts import PromptEntry
+
+LAYOUTS = ("flat", "dpg", "geneval")
+GRID_COLUMNS = 2
+
+
+def final_path(out_dir: str, entry: PromptEntry, layout: str, num_images: int) -> str:
+    """The file written last for ``entry``: its existence means the prompt is done."""
+    if layout == "dpg":
+        return os.path.join(out_dir, f"{entry.id}.png")
+    if layout == "geneval":
+        return os.path.join(out_dir, f"{entry.index:05d}", "grid.png")
+    last = f"{entry.index:05d}.png" if num_images == 1 else f"{entry.index:05d}_{num_images - 1}.png"
+    return os.path.join(out_dir, last)
+
+
+def _save_png(image: np.ndarray, path: str) -> None:
+    with atomic_write(path, directory=False) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+def write_prompt(out_dir: str, entry: PromptEntry, images: np.ndarray, layout: str) -> list[str]:
+    """Write one prompt's uint8 images [n, H, W, 3] in ``layout``; returns the paths."""
+    n = len(images)
+    if layout == "flat":
+        paths = [os.path.join(out_dir, f"{entry.index:05d}.png" if n == 1 else
+                              f"{entry.index:05d}_{j}.png") for j in range(n)]
+        for image, path in zip(images, paths):
+            _save_png(image, path)
+        return paths
+    grid = image_lib.make_grid(images, GRID_COLUMNS, pad=0)
+    if layout == "dpg":
+        path = final_path(out_dir, entry, layout, n)
+        _save_png(grid, path)
+        return [path]
+    if layout == "geneval":
+        folder = os.path.join(out_dir, f"{entry.index:05d}")
+        paths = [os.path.join(folder, "samples", f"{k:04d}.png") for k in range(n)]
+        for image, path in zip(images, paths):
+            _save_png(image, path)
+        with atomic_write(os.path.join(folder, "metadata.jsonl"), directory=False) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(entry.metadata or json.dumps({"prompt": entry.prompt}) + "\n")
+        grid_path = final_path(out_dir, entry, layout, n)
+        _save_png(grid, grid_path)
+        return paths + [grid_path]
+    raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
+
+
+def process_share(entries: Sequence[PromptEntry], process_index: int,
+                  process_count: int) -> list[PromptEntry]:
+    """This process's contiguous block of the prompt set (as the reference splits ranks)."""
+    per = -(-len(entries) // process_count)
+    return list(entries[process_index * per:(process_index + 1) * per])
+
+
+def pending(entries: Sequence[PromptEntry], out_dir: str, layout: str,
+            num_images: int) -> list[PromptEntry]:
+    """The entries whose outputs are not complete yet."""
+    return [e for e in entries
+            if not os.path.isfile(final_path(out_dir, e, layout, num_images))]
+
+
+def per_prompt_noise(seeds: Sequence[int], num_images: int):
+    """A noise source whose rows for prompt ``k`` come from ``seeds[k]`` alone (the sampler's
+    rows are prompt-major, ``num_images`` per prompt), so a prompt's images do not depend on
+    which prompts share its batch."""
+    import jax.numpy as jnp
+    from bitdance_jax.t2i.sampler import seeded_noise
+
+    def draw(shape):
+        part = shape[:2] + (num_images,) + shape[3:]
+        return jnp.concatenate([seeded_noise(s)(part) for s in seeds], axis=2)
+    return draw
