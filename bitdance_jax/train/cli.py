@@ -31,7 +31,7 @@ def _flag_values(argv: list[str]) -> flags.FlagValues:
         lock_config=True, flag_values=fv, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "checkpoints, logs, samples and the export",
                         flag_values=fv)
-    distributed.define_flags(fv)
+    distributed.define_absl_flags(fv)
     return fv
 
 
@@ -49,7 +49,7 @@ def unknown_field_message(config: ml_collections.ConfigDict, dotted: str) -> str
 
 def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, flags.FlagValues]:
     """``argv`` (program name first) -> (config, workdir, flags); ``UsageError`` if bad."""
-    argv = distributed.normalize_flag_names(argv)
+    argv = distributed.normalize_argv(argv)
     fv = _flag_values(argv)
     try:
         fv(argv)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    distributed.initialize_from_flags(fv)
+    distributed.initialize_from(fv)
     try:
         summary = train(config, workdir)
     except NonFiniteLossError as e:

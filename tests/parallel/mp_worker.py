@@ -1,4 +1,4 @@
-"""Child program of the multi-process tests: ``python tests/mp_worker.py CASE [flags]``.
+"""Child program of the multi-process tests: ``python tests/parallel/mp_worker.py CASE [flags]``.
 
 Run under ``tools/launch_local.py`` (which appends --coordinator/--num-processes/--process-id)
 with the repository root on PYTHONPATH. Prints ``RESULT {json}`` lines for the test to read.
@@ -19,7 +19,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("case")
     parser.add_argument("--timeout", type=float, default=3.0)
-    from bitdance_jax import distributed
+    from bitdance_jax.parallel import distributed
     distributed.add_arguments(parser)
     args = parser.parse_args()
     t0 = time.monotonic()

@@ -1,4 +1,4 @@
-"""bitdance_jax.distributed: flags, cluster detection, and on 2 local processes x 2 CPU
+"""bitdance_jax.parallel.distributed: flags, cluster detection, and on 2 local processes x 2 CPU
 devices: joining through flags and through SLURM variables, a barrier that names the process
 that never arrived, run_once, and a process whose partner was SIGKILLed exiting with an error
 within a bounded time. Every subprocess runs under a hard timeout."""
@@ -13,11 +13,13 @@ import time
 
 import pytest
 
-from bitdance_jax import distributed
+pytestmark = pytest.mark.multiprocess
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bitdance_jax.parallel import distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER = os.path.join(REPO, "tools", "launch_local.py")
-WORKER = os.path.join(REPO, "tests", "mp_worker.py")
+WORKER = os.path.join(REPO, "tests", "parallel", "mp_worker.py")
 HEARTBEAT_S = 3  # the children's heartbeat timeout in the dead-partner cases
 CHILD_ENV = {"PYTHONPATH": REPO, "BITDANCE_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_S),
              "BITDANCE_SHUTDOWN_TIMEOUT_S": "20", "BITDANCE_INIT_TIMEOUT_S": "60"}

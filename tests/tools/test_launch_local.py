@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER = os.path.join(REPO, "tools", "launch_local.py")
 HARD_TIMEOUT = 60
 
@@ -194,7 +194,7 @@ def test_usage_errors(tmp_path):
 def test_two_jax_processes_join_through_the_flags():
     """2 processes x 2 CPU devices: one JAX job of 4 devices (process_allgather, a device
     barrier and a coordination-service barrier)."""
-    worker = os.path.join(REPO, "tests", "mp_worker.py")
+    worker = os.path.join(REPO, "tests", "parallel", "mp_worker.py")
     out = launch(["-n", "2", "--devices-per-process", "2", "--", sys.executable, worker,
                   "allgather"], env={"PYTHONPATH": REPO}, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
