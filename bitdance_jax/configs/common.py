@@ -142,6 +142,10 @@ def t2i_base_config() -> ml_collections.ConfigDict:
     c = base_config("t2i")
     c.tokenizer_dir = ""              # a trained / ported binary tokenizer (frozen)
     c.text_tokenizer = ""             # tokenizer.json; "" builds a word-level one from the captions
+    # A Hugging Face Qwen3 folder (config.json, model.safetensors or shards, tokenizer.json) to
+    # start from: its weights and tokenizer plus the vision tokens; projector and head fresh.
+    # config.llm must match its config.json (vocab_size 0: the folder's, grown by new tokens).
+    c.init_from_llm = ""
     c.llm = ml_collections.ConfigDict(dict(
         vocab_size=0,                 # 0: the text tokenizer's size
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
