@@ -15,6 +15,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         split="train",
         cache_dir="",             # latent_cache: where the pre-encoded latents live
         cache_latents=False,      # bitdance: encode the image source once, train from the cache
+        cache_crops=1,            # crops cached per image (centre + cache_crops-1 random; 1: centre only)
         image_size=32,
         min_crop_frac=1.0,        # random crop covering [min_crop_frac, 1] of the smaller side
         random_flip=False,
@@ -108,6 +109,9 @@ def imagenet_bitdance(size: str, parallel_num: int) -> ml_collections.ConfigDict
     c.data.random_flip = True
     c.data.aug_decay_start_epoch = 700  # ... crop probability 1 -> 0 over epochs 700-750,
     c.data.aug_decay_end_epoch = 750    # center crop after
+    # With data.cache_latents: 4 crops (centre + 3 random) x 2 flips per image, drawn one per
+    # epoch; about 84 GB of int8 latents for ImageNet's 1.28M images.
+    c.data.cache_crops = 4
     c.data.num_threads = 16
     c.data.worker_count = 0
     c.global_batch_size = 1024
@@ -138,6 +142,10 @@ def t2i_base_config() -> ml_collections.ConfigDict:
     c = base_config("t2i")
     c.tokenizer_dir = ""              # a trained / ported binary tokenizer (frozen)
     c.text_tokenizer = ""             # tokenizer.json; "" builds a word-level one from the captions
+    # A Hugging Face Qwen3 folder (config.json, model.safetensors or shards, tokenizer.json) to
+    # start from: its weights and tokenizer plus the vision tokens; projector and head fresh.
+    # config.llm must match its config.json (vocab_size 0: the folder's, grown by new tokens).
+    c.init_from_llm = ""
     c.llm = ml_collections.ConfigDict(dict(
         vocab_size=0,                 # 0: the text tokenizer's size
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -2,7 +2,8 @@
 
 A cache is a directory of ``.npy`` arrays (int8 {-1, +1} latents plus per-record extras such as
 labels) and ``latent_cache.json``, the description it was built for (records, image sizes,
-the tokenizer's config). Process 0 encodes; it writes under a temporary name and renames, so a
+crops, the tokenizer's config). The class-conditional cache keeps several crops (and their
+mirrors) of every image so that training still sees a different crop each epoch. Process 0 encodes; it writes under a temporary name and renames, so a
 cache that exists is complete. Every process then waits at a barrier and opens it read-only. A
 cache built for another description is an error, never silently reused.
 """
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 
 from bitdance_jax.checkpointing.atomic import atomic_write
-from bitdance_jax.data.augment import center_crop
+from bitdance_jax.data.augment import center_crop, random_crop
 from bitdance_jax.parallel import distributed
 
 META_FILE = "latent_cache.json"
@@ -68,7 +69,7 @@ def open_cache(cache_dir: str, expected_meta: dict | None = None) -> dict[str, n
     with open(meta_path) as f:
         meta = json.load(f)
     if expected_meta is not None and meta != expected_meta:
-        raise ValueError(f"latent cache {cache_dir} was built for other records, sizes or "
+        raise ValueError(f"latent cache {cache_dir} was built for other records, sizes, crops or "
                          f"tokenizer ({meta}); remove it or set data.cache_dir")
     names = [f[:-4] for f in sorted(os.listdir(cache_dir)) if f.endswith(".npy")]
     out = {"meta": meta}
@@ -79,37 +80,74 @@ def open_cache(cache_dir: str, expected_meta: dict | None = None) -> dict[str, n
 
 
 class LatentCacheSource:
-    """Class-conditional records of a cache: ``{"latents": int8 [variants, h, w, C], "label"}``."""
+    """Class-conditional records of a cache: ``{"latents": int8 [crops, flips, h, w, C], "label"}``.
+
+    Crop 0 is the centre crop, crops 1.. random crops; flip 1 (when cached) the mirror image.
+    """
 
     def __init__(self, cache_dir: str, arrays: dict | None = None):
         arrays = open_cache(cache_dir) if arrays is None else arrays
         self.meta = arrays["meta"]
         self.latents, self.labels = arrays["latents"], arrays["labels"]
         self.num_classes = int(self.meta["num_classes"])
+        self.num_crops = int(self.meta.get("crops", {}).get("count", 1))  # older caches: 1
+        self.num_flips = 2 if self.meta.get("with_flips") else 1
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, index):
-        return {"latents": np.asarray(self.latents[index]), "label": self.labels[index]}
+        lat = np.asarray(self.latents[index])
+        return {"latents": lat.reshape((self.num_crops, self.num_flips) + lat.shape[-3:]),
+                "label": self.labels[index]}
+
+
+CROP_SEED = 0  # the cached crops depend on (CROP_SEED, record, crop index) only
+
+
+def crop_variant(image: np.ndarray, size: int, record: int, crop: int, *,
+                 min_crop_frac: float, seed: int = CROP_SEED) -> np.ndarray:
+    """uint8 [size, size, 3]: crop 0 the centre crop, crop k >= 1 a random crop (the rules of
+    ``augment.random_crop``) seeded by ``(seed, record, k)``."""
+    if image.ndim == 2:
+        image = image[..., None].repeat(3, axis=-1)
+    if crop == 0:
+        out = center_crop(image, size)
+    else:
+        out = random_crop(image, size, np.random.default_rng([seed, record, crop]), min_crop_frac)
+    return np.ascontiguousarray(out, dtype=np.uint8)
 
 
 def build_class_cache(source, encode_fn: Callable[[np.ndarray], np.ndarray], cache_dir: str, *,
                       image_size: int, num_classes: int, tokenizer_config: dict,
-                      with_flips: bool = True, chunk: int = 64) -> LatentCacheSource:
-    """Cache of a class-labelled source: each record's centre crop (and its mirror when
-    ``with_flips``) encoded by ``encode_fn`` (uint8 [B,H,W,3] -> {-1,+1} [B,h,w,C])."""
+                      with_flips: bool = True, crops: int = 1, min_crop_frac: float = 1.0,
+                      chunk: int = 64) -> LatentCacheSource:
+    """Cache of a class-labelled source: ``crops`` crops of each record (the centre crop, then
+    ``crops - 1`` random ones covering ``[min_crop_frac, 1]`` of the smaller side), each also
+    mirrored when ``with_flips``, encoded by ``encode_fn`` (uint8 [B,H,W,3] -> {-1,+1} [B,h,w,C]).
+    Stored as ``[records, crops * flips, h, w, C]`` (variant ``crop * flips + flip``)."""
+    if crops < 1:
+        raise ValueError(f"data.cache_crops must be >= 1, got {crops}")
+    if crops > 1 and min_crop_frac >= 1.0:
+        raise ValueError(f"data.cache_crops={crops} needs random crops (data.min_crop_frac < 1, "
+                         f"got {min_crop_frac}); otherwise every crop is the centre crop")
+
     def encode_chunk(indices):
         records = [source[int(i)] for i in indices]
-        images = np.stack([center_crop(r["image"] if r["image"].ndim == 3 else
-                                       r["image"][..., None].repeat(3, -1), image_size)
-                           for r in records])
-        variants = [images, images[:, :, ::-1]] if with_flips else [images]
-        codes = np.stack([np.asarray(encode_fn(np.ascontiguousarray(v))) for v in variants], axis=1)
-        return {"latents": codes, "labels": np.asarray([r["label"] for r in records], np.int32)}
+        codes = []
+        for k in range(crops):
+            images = np.stack([crop_variant(r["image"], image_size, int(i), k,
+                                            min_crop_frac=min_crop_frac)
+                               for i, r in zip(indices, records)])
+            for v in ([images, images[:, :, ::-1]] if with_flips else [images]):
+                codes.append(np.asarray(encode_fn(np.ascontiguousarray(v))))
+        return {"latents": np.stack(codes, axis=1),
+                "labels": np.asarray([r["label"] for r in records], np.int32)}
 
     n = len(source)
     meta = {"num_records": n, "num_classes": num_classes, "image_size": image_size,
-            "with_flips": with_flips, "tokenizer": tokenizer_config}
+            "with_flips": with_flips, "tokenizer": tokenizer_config,
+            "crops": {"count": crops, "seed": CROP_SEED,
+                      "min_crop_frac": min_crop_frac if crops > 1 else None}}
     chunks = (np.arange(s, min(n, s + chunk)) for s in range(0, n, chunk))
     return LatentCacheSource(cache_dir, build(cache_dir, meta, n, chunks, encode_chunk))

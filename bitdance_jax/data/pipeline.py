@@ -36,6 +36,18 @@ def global_rows(step: int, global_batch: int, num_records: int, seed: int):
     return epoch, epoch_permutation(seed, epoch, num_records)[k * global_batch:(k + 1) * global_batch]
 
 
+def cached_variant(rng: np.random.Generator, num_crops: int, num_flips: int, *,
+                   crop_prob: float, random_flip: bool) -> tuple[int, int]:
+    """(crop, flip) of a cached record for one epoch, the cached counterpart of
+    ``augment_image``: with probability ``crop_prob`` one of the cached crops (the centre crop
+    is one of them), else the centre crop 0; then a mirror with probability 1/2."""
+    crop = 0
+    if num_crops > 1 and rng.random() < crop_prob:
+        crop = int(rng.integers(0, num_crops))
+    flip = int(rng.integers(0, num_flips)) if random_flip and num_flips > 1 else 0
+    return crop, flip
+
+
 class TrainRecords:
     """Random-access view: local example ``i`` of this process = row of a global batch."""
 
@@ -90,12 +102,13 @@ class TrainRecords:
         index, record = self._read(index)
         rng = np.random.default_rng([self.seed, epoch, index])
         out = {"label": np.int32(record["label"]), "index": np.int32(index)}
+        crop_prob = aug_ratio(epoch, *self.aug_decay)
         if "latents" in record:
-            lat = record["latents"]
-            variant = int(rng.integers(0, lat.shape[0])) if self.random_flip else 0
-            out["latents"] = lat[variant]
+            lat = record["latents"]  # [crops, flips, h, w, C], crop 0 the centre crop
+            crop, flip = cached_variant(rng, lat.shape[0], lat.shape[1], crop_prob=crop_prob,
+                                        random_flip=self.random_flip)
+            out["latents"] = lat[crop, flip]
         else:
-            crop_prob = aug_ratio(epoch, *self.aug_decay)
             out["image"] = augment_image(record["image"], self.image_size, rng, crop_prob=crop_prob,
                                          min_crop_frac=self.min_crop_frac,
                                          random_flip=self.random_flip)

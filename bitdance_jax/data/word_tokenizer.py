@@ -1,4 +1,5 @@
-"""A word-level text tokenizer built from training captions, with the T2I special tokens (for models trained from scratch)."""
+"""Text tokenizers for T2I training: a word-level one built from the training captions (models
+trained from scratch), or a pretrained LLM's extended with the T2I special tokens."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -30,3 +31,17 @@ def build_word_tokenizer(path: str, texts: Sequence[str], *, max_latent_side: in
     with atomic_write(path, directory=False) as tmp:
         tok.save(tmp)
     return path
+
+
+def extend_text_tokenizer(src: str, dst: str, *, max_latent_side: int, parallel_num: int) -> str:
+    """Write ``src`` (a pretrained LLM's ``tokenizer.json``) plus the T2I special tokens it
+    lacks to ``dst``. Its own tokens keep their ids (a token it has, e.g. Qwen3's
+    ``<|vision_start|>``, is reused); the new ones take the next free ids."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(src)
+    missing = [t for t in special_tokens(max_latent_side, parallel_num)
+               if tok.token_to_id(t) is None]
+    tok.add_special_tokens(missing)
+    with atomic_write(dst, directory=False) as tmp:
+        tok.save(tmp)
+    return dst

@@ -156,3 +156,72 @@ def port_t2i_folder(src: str, dst: str, *, param_dtype=jnp.float32, overwrite: b
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
     return dst
+
+
+# Fields of config.llm that must equal a pretrained folder's config.json (vocab_size may grow).
+_LLM_ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps",
+                    "attention_bias")
+
+
+def check_llm_folder(src: str, llm: qwen3.Qwen3Config) -> qwen3.Qwen3Config:
+    """The Qwen3 config of a plain Hugging Face folder, after checking that ``llm`` (the
+    configured backbone, untied, ``vocab_size`` at least the folder's or 0 for "grown to
+    fit") can take its weights."""
+    if not os.path.isdir(src):
+        raise ValueError(f"init_from_llm {src!r} is not a directory")
+    try:
+        folder = qwen3.Qwen3Config.from_json(src)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"init_from_llm {src}: {e}") from e
+    bad = [f"{k}={getattr(folder, k)!r} (config.llm has {getattr(llm, k)!r})"
+           for k in _LLM_ARCH_FIELDS if getattr(folder, k) != getattr(llm, k)]
+    if bad:
+        raise ValueError(f"config.llm does not match {os.path.join(src, 'config.json')}: set "
+                         + ", ".join(bad))
+    if llm.tie_word_embeddings:
+        raise ValueError("training from a pretrained LLM keeps a separate LM head "
+                         "(tie_word_embeddings=False)")
+    if llm.vocab_size and llm.vocab_size < folder.vocab_size:
+        raise ValueError(f"config.llm.vocab_size {llm.vocab_size} is smaller than the "
+                         f"vocabulary of {src} ({folder.vocab_size})")
+    return folder
+
+
+def read_llm_for_training(src: str, llm: qwen3.Qwen3Config, new_ids, *,
+                          param_dtype=jnp.float32) -> dict:
+    """Qwen3 params of ``llm`` from a plain Hugging Face folder whose vocabulary grows to
+    ``llm.vocab_size`` (numpy, host memory).
+
+    Every weight is the folder's except the "new rows" of the input embedding and of the LM
+    head: the ids in ``new_ids`` (tokens added to its tokenizer, possibly inside its padded
+    vocabulary) and every id past the folder's vocabulary. A new row is the mean of the other
+    rows. Mean rather than N(0, 0.02): a new input embedding then has the scale and direction
+    of the pretrained ones (the first norm and attention see an ordinary token), and a new LM
+    head row gives the average logit rather than a logit near 0, which for a trained head lies
+    far above most tokens' logits and would at first pull probability mass onto the new tokens
+    (Hewitt, "Initializing new word embeddings for pretrained language models", 2021). The new
+    rows start equal; the contexts they are used in set them apart. A folder with tied
+    embeddings gets a separate LM head starting from its embedding.
+    """
+    folder = check_llm_folder(src, llm)
+    tied = folder.tie_word_embeddings
+    abstract = qwen3.abstract_qwen3_params(folder, param_dtype=param_dtype)
+    params = stream_llm_weights(_llm_shard_files(src), abstract,
+                                ignore=lambda k: tied and k == "lm_head.weight")
+    embed = np.asarray(params["model"]["embed_tokens"]["embedding"])      # [V0, D]
+    head = embed.T if tied else np.asarray(params["lm_head"]["kernel"])   # [D, V0]
+    v0, vocab = folder.vocab_size, llm.vocab_size
+    new = np.zeros(vocab, bool)
+    new[v0:] = True
+    new[np.asarray(list(new_ids), np.int64)] = True
+    old = ~new[:v0]
+    grown_embed = np.empty((vocab, embed.shape[1]), embed.dtype)
+    grown_embed[:v0] = embed
+    grown_embed[new] = embed[old].mean(axis=0, dtype=np.float32).astype(embed.dtype)
+    grown_head = np.empty((head.shape[0], vocab), head.dtype)
+    grown_head[:, :v0] = head
+    grown_head[:, new] = head[:, old].mean(axis=1, dtype=np.float32).astype(head.dtype)[:, None]
+    params["model"]["embed_tokens"]["embedding"] = grown_embed
+    params["lm_head"] = {"kernel": grown_head}
+    return params

@@ -216,6 +216,8 @@ def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
             meta, loaded = load_param_dir(config.init_from)  # any kind: the task picks its part
             init_params = trainer.task.params_from_checkpoint(meta, loaded)
             log.info("initialised params from %s", config.init_from)
+        else:
+            init_params = trainer.task.pretrained_params()
         state = trainer.init_state(init_params)
     start = int(jax.device_get(state["step"]))
     summary = {"workdir": workdir, "num_steps": num_steps, "start_step": start}

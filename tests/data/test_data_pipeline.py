@@ -1,5 +1,6 @@
 """Input pipelines on small real files: PNG folder (with an unreadable file), a tiny TFDS
-ArrayRecord build, the latent cache, digits; process-count invariance and iterator state."""
+ArrayRecord build, digits; process-count invariance and iterator state (the latent cache:
+test_latent_cache.py)."""
 import io
 import logging
 import os
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bitdance_jax.data import latent_cache, sources
+from bitdance_jax.data import sources
 from bitdance_jax.data import pipeline as data_lib
 from bitdance_jax.parallel import sharding
 from bitdance_jax.configs.common import data_config
@@ -176,42 +177,6 @@ def test_tfds_array_record_source(tmp_path):
     (batch,) = batches(source, data_config(source="tfds", image_size=16, num_threads=1),
                        global_batch=6, num_steps=1)
     assert batch["image"].shape == (6, 16, 16, 3)
-
-
-def test_latent_cache(tmp_path):
-    source = sources.DigitsSource(8)
-
-    def encode(images):  # stand-in for the frozen tokenizer: 2x2 pooled brightness signs
-        x = images.astype(np.float32).reshape(len(images), 4, 2, 4, 2, 3).mean((2, 4))
-        return np.where(x > 64, 1.0, -1.0)
-
-    class Few:
-        def __len__(self):
-            return 40
-
-        def __getitem__(self, i):
-            return source[i]
-
-    cache = str(tmp_path / "cache")
-    latent_cache.build_class_cache(Few(), encode, cache, image_size=8, num_classes=10,
-                                   tokenizer_config={"name": "pooling"}, chunk=16)
-    cached = sources.make_source(data_config(source="latent_cache", cache_dir=cache))
-    assert len(cached) == 40 and cached.num_classes == 10
-    rec = cached[3]
-    np.testing.assert_array_equal(rec["latents"][0], encode(source[3]["image"][None])[0])
-    np.testing.assert_array_equal(rec["latents"][1], encode(source[3]["image"][None, :, ::-1])[0])
-    cfg = data_config(source="latent_cache", cache_dir=cache, random_flip=True, num_threads=1)
-    (batch,) = batches(cached, cfg, global_batch=40, num_steps=1)
-    assert batch["latents"].shape == (40, 4, 4, 3) and batch["latents"].dtype == np.int8
-    variants = [int(np.array_equal(batch["latents"][k], cached[i]["latents"][1])
-                    and not np.array_equal(cached[i]["latents"][0], cached[i]["latents"][1]))
-                for k, i in enumerate(batch["index"])]
-    assert 0 < sum(variants) < 40  # both the plain and the mirrored latents are drawn
-    with pytest.raises(ValueError, match="not a latent cache"):
-        latent_cache.LatentCacheSource(str(tmp_path))
-    with pytest.raises(ValueError, match="built for other records, sizes or tokenizer"):
-        latent_cache.build_class_cache(Few(), encode, cache, image_size=8, num_classes=10,
-                                       tokenizer_config={"name": "another"}, chunk=16)
 
 
 def test_global_arrays_from_process_local_data():

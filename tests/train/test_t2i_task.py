@@ -400,3 +400,133 @@ def test_tfds_caption_source(tokenizer_dir, monkeypatch):
     assert caption_sources.source_captions(source) == ["a gray bar", "a black square"]
     assert source[0]["image"].shape == (8, 16, 3) and source.size(0) == (8, 16)
     np.testing.assert_array_equal(packing.assign_buckets(source, [(8, 8), (8, 16)]), [1, 0])
+
+
+# ---------------------------------------------------------------------------------------
+# Starting from a plain Hugging Face Qwen3 folder (config.init_from_llm).
+
+QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>"]  # Qwen3 has these already
+
+
+def write_qwen3_folder(path, *, padding_rows, tie):
+    """A tiny random Hugging Face Qwen3 (the sizes of ``tiny_config``) with a word-level
+    tokenizer.json of the captions' words and Qwen3's chat/vision tokens; its vocabulary is
+    ``padding_rows`` larger than the tokenizer (as Qwen3's is). Returns the tokenizer size."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    split = pre_tokenizers.Whitespace()
+    words = sorted({w for text in CAPTIONS + ["user assistant"]
+                    for w, _ in split.pre_tokenize_str(text)})
+    vocab = {t: i for i, t in enumerate(["[UNK]"] + words + QWEN_SPECIALS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = split
+    tok.add_special_tokens(QWEN_SPECIALS)
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    hf_config = transformers.Qwen3Config(
+        vocab_size=len(vocab) + padding_rows, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+        max_position_embeddings=512)
+    torch.manual_seed(1)
+    hf = transformers.Qwen3ForCausalLM(hf_config)
+    with torch.no_grad():  # random weights everywhere (HF initialises norms to exactly 1)
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight")
+                    else torch.randn_like(p) / p.shape[-1] ** 0.5)
+    hf.save_pretrained(path, safe_serialization=True)
+    return len(vocab)
+
+
+def folder_params(path):
+    """The folder's weights in the Flax layout (the porting convention)."""
+    from bitdance_jax.porting import convention
+    config = qwen3.Qwen3Config.from_json(path)
+    state = convention.load_safetensors(os.path.join(path, "model.safetensors"))
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return convention.convert_state_dict(state, qwen3.abstract_qwen3_params(config))
+
+
+def test_training_from_a_plain_qwen3_folder(tokenizer_dir, tmp_path):
+    from tokenizers import Tokenizer
+    from bitdance_jax.data.word_tokenizer import special_tokens
+    folder = str(tmp_path / "qwen3")
+    n_tok = write_qwen3_folder(folder, padding_rows=3, tie=False)
+    v0 = n_tok + 3
+    config = tiny_config(tokenizer_dir, **{"init_from_llm": folder, "num_steps": 2,
+                                           "log_every": 1, "checkpoint.every_steps": 2})
+    workdir = str(tmp_path / "run")
+    mesh = one_device_mesh()
+    trainer = train.Trainer(config, workdir, mesh).build(config.num_steps)
+    task = trainer.task
+
+    # The extended tokenizer: the folder's tokens keep their ids, the vision tokens exist.
+    extended = Tokenizer.from_file(os.path.join(workdir, "text_tokenizer", "tokenizer.json"))
+    original = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    assert all(extended.token_to_id(t) == i for t, i in original.get_vocab().items())
+    wanted = special_tokens(max_latent_side=4, parallel_num=4)  # 8x8 images: 4x4 latents
+    assert all(task.text_tokenizer.has_token(t) for t in wanted)
+    new_ids = sorted(extended.token_to_id(t) for t in wanted if original.token_to_id(t) is None)
+    assert new_ids == list(range(n_tok, n_tok + 7))  # res_1..4, query_1..3; 3 in the padding
+    assert task.text_tokenizer.token_id("<|vision_start|>") == original.token_to_id(
+        "<|vision_start|>")  # reused, not added
+    vocab = task.model_config.llm.vocab_size
+    assert vocab == n_tok + 7 and vocab > v0
+
+    # Step 0: every LLM weight is the folder's but the new rows (their mean); the projector
+    # and head are what a fresh run starts from.
+    state = jax.device_get(trainer.init_state(task.pretrained_params()))
+    want = folder_params(folder)
+    got = state["params"]["llm"]
+    new = np.zeros(vocab, bool)
+    new[new_ids] = True
+    new[v0:] = True
+    old = np.flatnonzero(~new[:v0])
+    embed, head = got["model"]["embed_tokens"]["embedding"], got["lm_head"]["kernel"]
+    want_embed = want["model"]["embed_tokens"]["embedding"]
+    want_head = want["lm_head"]["kernel"]
+    np.testing.assert_array_equal(embed[old], want_embed[old])
+    np.testing.assert_array_equal(head[:, old], want_head[:, old])
+    np.testing.assert_allclose(embed[new], np.broadcast_to(want_embed[old].mean(0),
+                                                           (new.sum(), 64)), rtol=1e-6)
+    np.testing.assert_allclose(head[:, new], np.broadcast_to(want_head[:, old].mean(1)[:, None],
+                                                             (64, new.sum())), rtol=1e-6)
+    rest = lambda p: {k: v for k, v in p["model"].items() if k != "embed_tokens"}
+    jax.tree.map(np.testing.assert_array_equal, rest(got), rest(want))
+    fresh = nn.unbox(jax.jit(task.init)(jax.random.fold_in(jax.random.PRNGKey(config.seed),
+                                                           1 << 20)))
+    for part in ("head", "projector"):
+        jax.tree.map(np.testing.assert_array_equal, state["params"][part], fresh[part])
+
+    # Two steps of training from there: finite loss, LLM weights moved by about lr at most.
+    summary = train.train(config, workdir, mesh=mesh)
+    assert summary["step"] == 2 and np.isfinite(summary["metrics"]["loss"])
+    _, exported = load_param_dir(summary["export"])
+    moved = np.abs(exported["llm"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+                   - want["model"]["layers_0"]["mlp"]["up_proj"]["kernel"])
+    assert 0 < moved.max() < 3 * config.optim.lr
+    assert np.abs(exported["llm"]["lm_head"]["kernel"][:, old] - want_head[:, old]).max() \
+        < 3 * config.optim.lr
+
+    # A folder with tied embeddings: the LM head starts from the embedding.
+    tied = str(tmp_path / "tied")
+    write_qwen3_folder(tied, padding_rows=0, tie=True)
+    tied_task = T2ITask(tiny_config(tokenizer_dir, **{"init_from_llm": tied}),
+                        str(tmp_path / "run_tied"))
+    llm = tied_task.pretrained_params()["llm"]
+    np.testing.assert_array_equal(llm["lm_head"]["kernel"][:, :n_tok],
+                                  llm["model"]["embed_tokens"]["embedding"][:n_tok].T)
+
+    # config.llm must describe the folder's architecture; init_from and text_tokenizer clash.
+    with pytest.raises(ValueError, match=r"config.llm does not match .*config.json: "
+                                         r"set intermediate_size=128 \(config.llm has 96\)"):
+        T2ITask(tiny_config(tokenizer_dir, **{"init_from_llm": folder,
+                                              "llm.intermediate_size": 96}), str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="not both"):
+        T2ITask(tiny_config(tokenizer_dir, **{"init_from_llm": folder,
+                                              "init_from": summary["export"]}), str(tmp_path / "y"))
+    with pytest.raises(ValueError, match=r"vocab_size 4 is smaller than the vocabulary"):
+        T2ITask(tiny_config(tokenizer_dir, **{"init_from_llm": folder, "llm.vocab_size": 4}),
+                str(tmp_path / "z"))

@@ -38,6 +38,11 @@ class Task:
         """The part of a loaded directory's params this task trains (``config.init_from``)."""
         return params
 
+    def pretrained_params(self) -> Any:
+        """Params a new run starts from when ``config.init_from`` is empty (e.g. a pretrained
+        backbone plus fresh new parts); None: ``init``."""
+        return None
+
     # -- input ---------------------------------------------------------------------------
     def train_source(self):
         """Random-access records the dataset reads (``len`` fixes the epoch length)."""

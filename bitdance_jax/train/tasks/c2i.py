@@ -2,6 +2,7 @@
 frozen tokenizer, from images (encoded inside the step) or from a pre-encoded latent cache."""
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -18,6 +19,8 @@ from bitdance_jax.c2i.model import from_unscanned, init_params
 from bitdance_jax.tokenizer.model import quantize_signs
 from bitdance_jax.tokenizer.api import load_tokenizer
 from bitdance_jax.train.tasks.base import Task
+
+log = logging.getLogger(__name__)
 
 
 def model_config_from(config, tokenizer) -> BitDanceConfig:
@@ -52,13 +55,20 @@ class BitDanceTask(Task):
         """The configured source; with ``data.cache_latents``, its latents (encoded once)."""
         c = self.config.data
         source = make_source(c)
-        if c.source == "latent_cache" or not c.cache_latents:
+        if c.source != "latent_cache" and not c.cache_latents:
             return source
-        cache_dir = c.cache_dir or os.path.join(self.workdir, "latent_cache")
-        return latent_cache.build_class_cache(
-            source, self._encode_uint8, cache_dir, image_size=c.image_size,
-            num_classes=self.model_config.num_classes,
-            tokenizer_config=self.tokenizer.config.to_dict(), with_flips=c.random_flip)
+        if c.source != "latent_cache":
+            cache_dir = c.cache_dir or os.path.join(self.workdir, "latent_cache")
+            source = latent_cache.build_class_cache(
+                source, self._encode_uint8, cache_dir, image_size=c.image_size,
+                num_classes=self.model_config.num_classes,
+                tokenizer_config=self.tokenizer.config.to_dict(), with_flips=c.random_flip,
+                crops=c.cache_crops, min_crop_frac=c.min_crop_frac)
+        if source.num_crops == 1 and c.min_crop_frac < 1.0:
+            log.warning("training from cached latents with a single crop per image: the random "
+                        "crops of data.min_crop_frac=%s are not applied (set data.cache_crops > 1)",
+                        c.min_crop_frac)
+        return source
 
     # -- model -----------------------------------------------------------------------
     def init(self, rng):

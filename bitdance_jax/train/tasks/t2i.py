@@ -12,6 +12,7 @@ buckets have different image shapes, since the step is compiled once).
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 
@@ -24,9 +25,11 @@ from bitdance_jax import images as image_lib
 from bitdance_jax.c2i.loss import flip_bits
 from bitdance_jax.checkpointing import param_dir
 from bitdance_jax.data import captions, latent_cache, packing
-from bitdance_jax.data.word_tokenizer import build_word_tokenizer
+from bitdance_jax.data.word_tokenizer import build_word_tokenizer, extend_text_tokenizer
 from bitdance_jax.nn import patching
 from bitdance_jax.nn.layers import DTYPES
+from bitdance_jax.parallel import distributed
+from bitdance_jax.porting import t2i as t2i_porting
 from bitdance_jax.t2i import qwen3
 from bitdance_jax.t2i.config import KIND, T2IConfig
 from bitdance_jax.t2i.loss import PackedT2IModel
@@ -37,11 +40,13 @@ from bitdance_jax.tokenizer.model import quantize_signs
 from bitdance_jax.train.tasks.base import Task
 
 TEXT_TOKENIZER_FILE = "tokenizer.json"
+log = logging.getLogger(__name__)
 
 
 def text_vocab_size(path: str) -> int:
+    """Rows the embedding needs for a ``tokenizer.json``: its largest id + 1."""
     from tokenizers import Tokenizer
-    return Tokenizer.from_file(path).get_vocab_size()
+    return max(Tokenizer.from_file(path).get_vocab().values()) + 1
 
 
 def weighted_mean(values, weights):
@@ -69,10 +74,12 @@ class T2ITask(Task):
         probe = T2IConfig(llm=self._llm_config(1), head_kwargs=head_kwargs,
                               tokenizer=self.tokenizer.config)
         self.grids = [probe.latent_grid(h, w) for h, w in self.buckets]
+        self.llm_folder = self._check_llm_folder()
         self.text_tokenizer_path = self._text_tokenizer()
         self.text_tokenizer = TextTokenizer(self.text_tokenizer_path)
         text_vocab = text_vocab_size(self.text_tokenizer_path)
-        vocab = config.llm.vocab_size or text_vocab
+        vocab = config.llm.vocab_size or max(
+            text_vocab, self.llm_folder.vocab_size if self.llm_folder is not None else 0)
         if vocab < text_vocab:
             raise ValueError(f"config.llm.vocab_size {vocab} is smaller than the text tokenizer's "
                              f"{text_vocab} tokens ({self.text_tokenizer_path})")
@@ -92,13 +99,37 @@ class T2ITask(Task):
     def _llm_config(self, vocab_size: int) -> qwen3.Qwen3Config:
         return qwen3.Qwen3Config(**dict(self.config.llm.to_dict(), vocab_size=vocab_size))
 
+    def _check_llm_folder(self) -> qwen3.Qwen3Config | None:
+        """The Qwen3 config of ``config.init_from_llm`` (None when unset), checked against
+        ``config.llm``."""
+        c = self.config
+        if not c.init_from_llm:
+            return None
+        if c.init_from:
+            raise ValueError("set one of config.init_from (a T2I directory) and "
+                             "config.init_from_llm (a Qwen3 folder), not both")
+        if c.text_tokenizer:
+            raise ValueError("config.init_from_llm brings its own text tokenizer (extended with "
+                             "the vision tokens); leave config.text_tokenizer empty")
+        if not os.path.isfile(os.path.join(c.init_from_llm, TEXT_TOKENIZER_FILE)):
+            raise ValueError(f"init_from_llm {c.init_from_llm} has no {TEXT_TOKENIZER_FILE}")
+        return t2i_porting.check_llm_folder(c.init_from_llm, self._llm_config(c.llm.vocab_size))
+
     def _text_tokenizer(self) -> str:
         if self.config.text_tokenizer:
             return self.config.text_tokenizer
         if not self.workdir:
             raise ValueError("config.text_tokenizer is empty and there is no workdir to build "
-                             "a word-level tokenizer in")
+                             "a text tokenizer in")
         path = os.path.join(self.workdir, "text_tokenizer", TEXT_TOKENIZER_FILE)
+        sides = dict(max_latent_side=max(max(g) for g in self.grids),
+                     parallel_num=int(self.config.head.parallel_num))
+        if self.config.init_from_llm:  # the LLM's tokenizer plus the vision tokens, kept
+            if not os.path.isfile(path) and jax.process_index() == 0:
+                extend_text_tokenizer(os.path.join(self.config.init_from_llm,
+                                                   TEXT_TOKENIZER_FILE), path, **sides)
+            distributed.barrier(f"text_tokenizer:{os.path.abspath(path)}")
+            return path
         if not os.path.isfile(path):
             build_word_tokenizer(
                 path, self.captions + list(self.config.sample.prompts),
@@ -157,6 +188,27 @@ class T2ITask(Task):
     # -- model -----------------------------------------------------------------------------
     def init(self, rng):
         return self.model.init(rng)
+
+    def pretrained_params(self):
+        """With ``config.init_from_llm``: the folder's Qwen3 weights, the embedding and LM
+        head grown by the rows of the added tokens (see ``read_llm_for_training``), and the
+        projector and head as a fresh run initialises them."""
+        if not self.config.init_from_llm:
+            return None
+        from tokenizers import Tokenizer
+        original = Tokenizer.from_file(os.path.join(self.config.init_from_llm,
+                                                    TEXT_TOKENIZER_FILE))
+        new_ids = [i for t, i in Tokenizer.from_file(self.text_tokenizer_path).get_vocab().items()
+                   if original.token_to_id(t) is None]
+        llm = t2i_porting.read_llm_for_training(self.config.init_from_llm,
+                                                self.model_config.llm, new_ids)
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1 << 20)  # as the trainer
+        # Only the head and projector are computed (XLA drops the unused LLM init).
+        fresh = jax.jit(lambda r: {k: v for k, v in nn.unbox(self.init(r)).items()
+                                   if k != "llm"})(rng)
+        log.info("LLM from %s (%d new token rows, vocabulary %d); projector and head fresh",
+                 self.config.init_from_llm, len(new_ids), self.model_config.llm.vocab_size)
+        return {"llm": llm, **jax.device_get(fresh)}
 
     def frozen(self):
         return {"tokenizer": self.tokenizer.params} if self.from_images else {}
