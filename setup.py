@@ -22,8 +22,9 @@ setup(
         "scikit-learn",
         "tokenizers",
         "tensorboardX",
-        # hf:owner/name ids (bitdance_jax.hub); filelock comes with it
+        # hf:owner/name ids (bitdance_jax.hub)
         "huggingface_hub>=0.26",
+        "filelock",
     ],
     extras_require={
         # Reading PyTorch .pt checkpoints (porting tool only). Pin to the CPU build.

@@ -4,7 +4,6 @@ online paths run against a patched huggingface_hub with HF_ENDPOINT pointing now
 import json
 import os
 
-import httpx2
 import huggingface_hub
 import jax
 import numpy as np
@@ -125,6 +124,16 @@ def test_text_to_image_folder_and_safetensors_tokenizer(env):
     assert tok.config.gan_decoder
 
 
+def test_repo_holding_a_ported_directory_is_used_as_is(env, hf_home, tmp_path):
+    home, _ = hf_home
+    ported = hub._port_function()(golden.path("tokenizer", "ae.pt"), str(tmp_path / "tok"))
+    commit = hub_cache.add_folder(home, "tiny/jax-tok", ported)
+    out = hub.resolve("hf:tiny/jax-tok")
+    assert out.endswith(os.path.join("snapshots", commit))
+    assert load_tokenizer(out).config.z_channels == 16
+    assert _complete_dirs(os.environ["BITDANCE_JAX_CACHE"]) == []   # nothing ported
+
+
 def test_offline_and_not_found_errors(env):
     with pytest.raises(hub.HubOfflineError, match="HF_HUB_OFFLINE"):
         hub.resolve("hf:nobody/missing")
@@ -138,7 +147,18 @@ def test_offline_and_not_found_errors(env):
 
 
 def _response(status):
-    return httpx2.Response(status, request=httpx2.Request("GET", "http://127.0.0.1:9/api"))
+    """An HTTP response object of the client this huggingface_hub version uses."""
+    url = "http://127.0.0.1:9/api"
+    for name in ("httpx2", "httpx"):
+        try:
+            client = __import__(name)
+        except ImportError:
+            continue
+        return client.Response(status, request=client.Request("GET", url))
+    import requests
+    r = requests.Response()
+    r.status_code, r.url = status, url
+    return r
 
 
 def test_online_errors_are_translated(env, monkeypatch):
@@ -162,7 +182,7 @@ def test_online_errors_are_translated(env, monkeypatch):
         hub.resolve("hf:tiny/gated")
     # no connection: the cache decides; not cached -> says so
     monkeypatch.setattr(huggingface_hub.HfApi, "repo_info",
-                        repo_info_raising(httpx2.ConnectError("no route")))
+                        repo_info_raising(ConnectionError("no route")))
 
     def no_network(repo_id, **kw):
         raise hf_errors.LocalEntryNotFoundError("cannot reach the Hub")
