@@ -216,3 +216,37 @@ def test_demo_in_headless_chromium(server, browser, tmp_path_factory, capsys):
             print(f"\n[demo] screenshot: {shot}")
             print(f"[demo] server log: {server['log']}")
     assert Image.open(shot).format == "PNG"
+
+
+@pytest.mark.filterwarnings("ignore:.*:UserWarning")   # gr.Warning outside a request
+def test_bad_input_becomes_a_message_not_an_exception():
+    """The page's handlers on fake models: every bad field is named, nothing raises."""
+    import types
+
+    import gradio as gr
+    import numpy as np
+    from bitdance_jax import demo
+
+    model = types.SimpleNamespace(
+        config=types.SimpleNamespace(num_classes=10), default_cfg_scale=1.0, image_size=4,
+        sample=lambda ids, **kw: np.zeros((len(ids), 4, 4, 3), np.uint8))
+    c2i = demo.ClassConditional(model, demo.class_names(10), steps=[4, 8], max_batch=4)
+    assert c2i.labels[7] == "7: digit 7" and c2i.class_id("digit 7") == 7 and c2i.class_id("7: digit 7") == 7
+    assert len(c2i.generate("3: digit 3", 1.0, 0, 4, 2)) == 2
+    handle = demo._handler(c2i.generate, gr)
+    for args, message in [
+            (("tiger", 4.0, 0, 4, 2), "unknown class 'tiger'"), (("", 4.0, 0, 4, 2), "no class chosen"),
+            (("1", 0.5, 0, 4, 2), "cfg scale must be between"), (("1", 4.0, -1, 4, 2), "seed must be"),
+            (("1", 4.0, 1.5, 4, 2), "seed must be a whole number"), (("1", 4.0, None, 4, 2), "seed is empty"),
+            (("1", 4.0, 0, 5, 2), "one of [4, 8]"), (("1", 4.0, 0, 4, 9), "batch must be between 1 and 4")]:
+        images, status = handle(*args, progress=lambda *a, **k: None)
+        assert message in status, (args, status)
+
+    def broken(ids, **kw):
+        raise RuntimeError("device lost")
+    model.sample = broken
+    _, status = handle("1", 4.0, 0, 4, 2, progress=lambda *a, **k: None)
+    assert status.startswith("⚠ generation failed (RuntimeError): device lost")
+
+    assert demo.class_names(1000)[1] == "goldfish"   # ImageNet names from gradio's assets
+    assert demo.class_names(3) == ["class 0", "class 1", "class 2"]
