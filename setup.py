@@ -30,12 +30,17 @@ setup(
         "scikit-learn",
         "tokenizers",
         "tensorboardX",
+        # hf:owner/name ids (bitdance_jax.hub)
+        "huggingface_hub>=0.26",
+        "filelock",
     ],
     extras_require={
         # Reading PyTorch .pt checkpoints (porting tool only). Pin to the CPU build.
         "torch": ["torch==2.13.0"],
         "tpu": ["jax[tpu]"],
+        # python -m bitdance_jax.demo
+        "demo": ["gradio>=5"],
         "gpu": ["jax[cuda12]"],
-        "test": ["pytest", "torch==2.13.0", "transformers"],
+        "test": ["pytest", "torch==2.13.0", "transformers", "gradio>=5", "selenium>=4.10"],
     },
 )
