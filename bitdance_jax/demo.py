@@ -430,7 +430,7 @@ def main(argv=None) -> int:
             c2i = ClassConditional(model, names, parse_int_list(args.c2i_steps, "--c2i-steps"),
                                    max_batch=args.max_batch)
         if args.t2i_ckpt:
-            from bitdance_jax.t2i import load_t2i
+            from bitdance_jax.t2i.pipeline import load_t2i
             pipe = load_t2i(hub.resolve(args.t2i_ckpt), dtype=dtype)
             sizes = [parse_size(s) for s in args.t2i_sizes.split(",")] if args.t2i_sizes else None
             t2i = TextToImage(pipe, sizes, parse_int_list(args.t2i_steps, "--t2i-steps"),

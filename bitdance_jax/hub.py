@@ -259,11 +259,9 @@ def download(spec: HubId, revision: str, *, offline: bool, token=None) -> str:
 # ----------------------------------------------------------------------------- porting
 
 def _port_function():
-    """The porting entry point that detects the kind of a released file or folder."""
-    try:   # sub-package layout
-        from bitdance_jax.porting.cli import port
-    except ImportError:
-        from bitdance_jax.convert import port
+    """The porting entry point that detects the kind of a released file or folder (imported
+    late: the loaders import this module, and porting imports the loaders)."""
+    from bitdance_jax.porting.cli import port
     return port
 
 

@@ -14,7 +14,7 @@ from huggingface_hub import errors as hf_errors
 import golden
 import hub_cache
 from bitdance_jax import hub, load_model, load_tokenizer, port_imagenet_checkpoint
-from bitdance_jax.t2i import load_t2i
+from bitdance_jax.t2i.pipeline import load_t2i
 
 C2I = {"checkpoint.pt": golden.path("ar_parallel", "checkpoint.pt")}
 MULTI = {"ar_1x.pt": golden.path("ar_1x", "checkpoint.pt"),
@@ -238,3 +238,18 @@ def test_interrupted_port_leaves_nothing_complete(env, monkeypatch):
     assert not os.path.exists(stale)
     assert load_model(dst).config.parallel_num == 1
     assert _complete_dirs(os.environ["BITDANCE_JAX_CACHE"]) == [dst]
+
+
+def test_loaders_and_cli_take_hub_ids(env, tmp_path, capsys):
+    """``load_model``/``load_tokenizer``/``load_t2i`` and every ``--ckpt`` accept ``hf:`` ids."""
+    from bitdance_jax.c2i import cli as sample_cli
+    _same_params(load_model("hf:tiny/c2i").params, load_model(hub.resolve("hf:tiny/c2i")).params)
+    assert load_tokenizer("hf:tiny/ae").config.gan_decoder
+    assert load_t2i("hf:tiny/t2i").config.llm.hidden_size == \
+        json.load(open(golden.path("t2i_model", "config.json")))["hidden_size"]
+    grid = tmp_path / "grid.png"
+    assert sample_cli.main(["--ckpt", "hf:tiny/c2i", "--class-ids", "0,1", "--steps", "2",
+                            "--out", str(grid)]) == 0 and grid.is_file()
+    assert sample_cli.main(["--ckpt", "hf:tiny/nothere", "--class-ids", "0",
+                            "--out", str(grid)]) == 2
+    assert "error:" in capsys.readouterr().err

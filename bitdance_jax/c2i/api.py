@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from bitdance_jax import hub
 from bitdance_jax import images as image_lib
 from bitdance_jax.c2i import sampler
 from bitdance_jax.c2i.config import BitDanceConfig, released_name
@@ -106,7 +107,9 @@ class BitDanceModel:
 
 
 def load_model(path: str, dtype=jnp.float32, mesh=None) -> BitDanceModel:
-    """Load a ported (or trained) class-conditional directory."""
+    """Load a ported (or trained) class-conditional directory, or a Hub id ``hf:owner/name``
+    (downloaded and ported once, see ``bitdance_jax.hub``)."""
+    path = hub.resolve(path)
     meta = param_dir.read_meta(path)
     if meta.get("kind") != KIND:
         raise param_dir.CheckpointError(f"{path} holds a '{meta.get('kind')}' checkpoint, not a "

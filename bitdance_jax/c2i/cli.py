@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from bitdance_jax import images as image_lib
+from bitdance_jax.hub import HubError
 from bitdance_jax.c2i.api import DEFAULT_SAMPLING_STEPS, load_model
 from bitdance_jax.nn.layers import DTYPES
 
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
                               class_ids=class_ids, max_chunks=args.max_chunks)
             print(f"wrote {path}" if path else f"stopped after {args.max_chunks} chunk(s); "
                   "rerun to resume")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, HubError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

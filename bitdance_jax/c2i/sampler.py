@@ -73,7 +73,9 @@ def generate(config: BitDanceConfig, params, class_ids, cfg_scale, noise_fn: Noi
 
     caches = init_cache(cfg, rows, dtype)
     cond, caches = backbone.apply(model_vars, ids, caches, method="prefill")
-    pred, tokens = head_sample(cond, 0, jnp.float32(1.0))   # cfg_0 = 1: unguided on all rows
+    # cfg_0 = 1: unguided on all rows. A Python 1.0 (not a traced one) lets a shard hold an
+    # odd number of rows.
+    pred, tokens = head_sample(cond, 0, 1.0)
     all_tokens = jnp.zeros((rows, cfg.num_tokens, cfg.latent_dim), jnp.float32)
     all_tokens = jax.lax.dynamic_update_slice_in_dim(all_tokens, tokens, 0, axis=1)
     if record:
@@ -85,7 +87,7 @@ def generate(config: BitDanceConfig, params, class_ids, cfg_scale, noise_fn: Noi
     def body(step, carry):
         all_tokens, prev, caches, conds, preds = carry
         cond, caches = backbone.apply(model_vars, prev.astype(dtype), step, caches, method="step")
-        guidance = cfg_schedule(cfg_scale, step, steps) if guided else jnp.float32(1.0)
+        guidance = cfg_schedule(cfg_scale, step, steps) if guided else 1.0
         pred, tokens = head_sample(cond, step, guidance)
         all_tokens = jax.lax.dynamic_update_slice_in_dim(all_tokens, tokens, step * p, axis=1)
         if record:

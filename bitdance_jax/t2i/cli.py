@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from bitdance_jax import images as image_lib
 from bitdance_jax.checkpointing.param_dir import CheckpointError
+from bitdance_jax.hub import HubError
 from bitdance_jax.porting.convention import PortingError
 from bitdance_jax.t2i import evaluation
 from bitdance_jax.t2i.pipeline import load_t2i, to_pil
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 im.save(path)
                 written.append(path)
-    except (ValueError, FileNotFoundError, PortingError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, PortingError, CheckpointError, HubError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({"images": len(written), "first": written[0] if written else None}))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from bitdance_jax import hub
 from bitdance_jax import images as image_lib
 from bitdance_jax.checkpointing import param_dir
 from bitdance_jax.nn.diffusion_head import DiffusionNet
@@ -27,7 +28,9 @@ from bitdance_jax.t2i.sampler import (NoiseSource, PROGRESS_BARS, prompt_bucket,
 from bitdance_jax.tokenizer.model import BinaryAutoencoder
 
 def load_t2i(path: str, *, param_dtype=jnp.float32, dtype=jnp.float32, mesh=None) -> "T2IPipeline":
-    """A pipeline from a released-layout folder or a directory written by ``port_t2i_folder``."""
+    """A pipeline from a released-layout folder, a directory written by ``port_t2i_folder``,
+    or a Hub id ``hf:owner/name``."""
+    path = hub.resolve(path, param_dtype=jnp.dtype(param_dtype).name)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
     if os.path.isfile(os.path.join(path, param_dir.META_FILE)):

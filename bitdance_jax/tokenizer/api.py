@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitdance_jax import hub
 from bitdance_jax.checkpointing import param_dir
 from bitdance_jax.porting.convention import abstract_params
 from bitdance_jax.tokenizer.model import (BinaryAutoencoder, TokenizerConfig, bits_to_indices,
@@ -97,7 +98,8 @@ def save_tokenizer(dst: str, config: TokenizerConfig, params, *, source: str | N
 
 
 def load_tokenizer(path: str, dtype=jnp.float32) -> Tokenizer:
-    """Load a ported (or trained) tokenizer directory."""
+    """Load a ported (or trained) tokenizer directory, or a Hub id ``hf:owner/name``."""
+    path = hub.resolve(path)
     meta = param_dir.read_meta(path)
     if meta.get("kind") == KIND:
         cfg_dict = meta["config"]

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from bitdance_jax.images import (RESIZE_MODES, load_image, make_grid, psnr, save_png, ssim,
                                  to_uint8)
+from bitdance_jax.hub import HubError
 from bitdance_jax.tokenizer.api import load_tokenizer
 
 
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
             if args.out_dir:
                 name = os.path.splitext(os.path.basename(path))[0] + "_recon.png"
                 save_png(recon, os.path.join(args.out_dir, name))
-    except ValueError as e:
+    except (ValueError, HubError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     save_png(make_grid(np.stack(rows), ncol=2), args.out)

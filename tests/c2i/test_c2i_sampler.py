@@ -62,6 +62,16 @@ def test_per_sample_seeds_ignore_batch_and_devices(ported):
     assert not np.array_equal(other_seed, full[:1])
 
 
+def test_unguided_sampling_with_one_row_per_device(ported):
+    """cfg 1 on 8 devices: each shard holds one row (an odd count) and must still sample."""
+    dst, config = ported
+    model = load_model(dst)
+    assert jax.device_count() == 8
+    latents = model.sample_latents([0, 1], seed=3, cfg_scale=1.0, num_sampling_steps=STEPS)
+    assert latents.shape == (2, config.grid_size, config.grid_size, config.latent_dim)
+    assert set(np.unique(latents)) <= {-1.0, 1.0}
+
+
 def test_one_compile_per_shape(ported):
     dst, _ = ported
     model = load_model(dst)
