@@ -4,11 +4,17 @@
     python tools/bench_sample.py --model tiny --batch 8 --steps 25
     python tools/bench_sample.py --model BitDance-B-4x --batch 64 --steps 100 --dtype bfloat16
     python tools/bench_sample.py --ckpt DIR --batch 64 --decode
+    python tools/bench_sample.py --model BitDance-B-16x --batch 2,16 --steps 25 --cfg-scale 6.1
 
 Without --ckpt the weights are random (same cost as real ones: the AR loop has static
 shapes). Compile time is measured on its own (ahead-of-time lower + compile); the steady
 state is the median of --repeats runs of the compiled program. ``tokens_per_s`` counts latent
 tokens (h*w per image); the tokenizer decode is timed apart with --decode.
+
+``--batch`` takes a comma-separated list (one JSON object per size, then a summary line).
+``flops`` adds up XLA's counts of the loop bodies (prefill, one AR step, one head call) times
+their trip counts, since XLA counts a loop's body once; on CPUs ``fraction_of_matmul_rate``
+divides the achieved rate by a measured float32 matmul rate.
 """
 from __future__ import annotations
 
@@ -22,13 +28,14 @@ import numpy as np
 from flax import linen as nn
 
 
-from bitdance_jax.nn.diffusion_head import abstract_head_params
-from bitdance_jax.nn.layers import DTYPES
-from bitdance_jax.c2i.config import BitDanceConfig
-from bitdance_jax.c2i.model import abstract_backbone_params
 from bitdance_jax.c2i.api import load_model
+from bitdance_jax.c2i.config import BitDanceConfig, inference_config
+from bitdance_jax.c2i.model import (BitDanceBackbone, abstract_backbone_params, head_apply,
+                                    init_cache)
 from bitdance_jax.c2i.sampler import Sampler
 from bitdance_jax.configs.bitdance_models import MODELS
+from bitdance_jax.nn.diffusion_head import abstract_head_params
+from bitdance_jax.nn.layers import DTYPES
 
 
 def random_params(config: BitDanceConfig, seed: int = 0) -> dict:
@@ -43,11 +50,51 @@ def random_params(config: BitDanceConfig, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(leaf, nn.unbox(trees))
 
 
+def sample_flops(config: BitDanceConfig, params, rows: int, head_steps: int, dtype) -> float | None:
+    """FLOPs of one sampler call on ``rows`` rows (2B when guided): XLA's counts of the prefill,
+    one AR step and one head evaluation, each lowered alone, times how often each runs."""
+    import jax.numpy as jnp
+    cfg = inference_config(config)
+    backbone = BitDanceBackbone(cfg, dtype=dtype, param_dtype=jnp.float32)
+    model_vars = {"params": params["model"]}
+    caches = init_cache(cfg, rows, dtype)
+    p = cfg.parallel_num
+
+    def count(fn, *args):
+        cost = jax.jit(fn).lower(*args).cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float((cost or {}).get("flops", 0.0))
+    try:
+        prefill = count(lambda v, i, c: backbone.apply(v, i, c, method="prefill"),
+                        model_vars, np.zeros((rows,), np.int32), caches)
+        step = count(lambda v, x, c: backbone.apply(v, x, 1, c, method="step"),
+                     model_vars, np.zeros((rows, p, cfg.latent_dim), np.float32), caches)
+        net_fn = head_apply(cfg, params["head"], dtype)
+        head = count(net_fn, np.zeros((rows, p, cfg.latent_dim), np.float32),
+                     np.zeros((rows,), np.float32), np.zeros((rows, p, cfg.dim), np.float32))
+    except Exception:  # some backends do not implement cost analysis
+        return None
+    return prefill + (cfg.num_steps - 1) * step + cfg.num_steps * (head_steps + 1) * head
+
+
+def matmul_flops_per_device(n: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 matmul FLOP/s of one device (as tools/bench_train.py)."""
+    import jax.numpy as jnp
+    x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
+    f = jax.jit(lambda a: jnp.matmul(a, a, precision=jax.lax.Precision.HIGHEST))
+    f(x).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        f(x).block_until_ready()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny", help=f"one of {sorted(MODELS)}")
     ap.add_argument("--ckpt", help="a ported model directory (overrides --model)")
-    ap.add_argument("--batch", type=int, default=8, help="images per call (global)")
+    ap.add_argument("--batch", default="8",
+                    help="images per call (global); a comma-separated list times each, e.g. 2,16")
     ap.add_argument("--steps", type=int, default=100, help="head Euler-Maruyama steps per AR step")
     ap.add_argument("--cfg-scale", type=float, default=4.0)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -66,7 +113,22 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown --model {args.model!r}; choose from {sorted(MODELS)}")
         config = MODELS[args.model]
         params, sampler, name = random_params(config), Sampler(config, dtype=dtype), args.model
-    class_ids = np.arange(args.batch) % config.num_classes
+    measured = matmul_flops_per_device() if jax.devices()[0].platform == "cpu" else None
+    summary = []
+    for batch in [int(b) for b in str(args.batch).split(",") if b.strip()]:
+        result = bench_one(args, config, params, sampler, model, name, batch, dtype, measured)
+        print(json.dumps(result, indent=2), flush=True)
+        summary.append(result)
+    if len(summary) > 1:
+        print(json.dumps({"images_per_s": {r["batch"]: r["images_per_s"] for r in summary},
+                          "fraction_of_matmul_rate": {r["batch"]: r.get("fraction_of_matmul_rate")
+                                                      for r in summary}}))
+    return 0
+
+
+def bench_one(args, config, params, sampler, model, name, batch, dtype, measured) -> dict:
+    """Compile and time the sampler at one batch size; the JSON dict."""
+    class_ids = np.arange(batch) % config.num_classes
     program, call_args = sampler.prepare(params, class_ids, cfg_scale=args.cfg_scale,
                                          num_sampling_steps=args.steps)
     t0 = time.perf_counter()
@@ -81,22 +143,27 @@ def main(argv=None) -> int:
     result = {
         "model": name, "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind, "dtype": args.dtype,
-        "batch": args.batch, "padded_batch": int(len(call_args[1])),
+        "batch": batch, "padded_batch": int(len(call_args[1])),
         "head_steps": args.steps, "cfg_scale": args.cfg_scale, "ar_steps": config.num_steps,
         "parallel_num": config.parallel_num, "tokens_per_image": config.num_tokens,
         "compile_s": round(compile_s, 3), "run_s": [round(t, 4) for t in times],
-        "steady_s": round(steady, 4), "images_per_s": round(args.batch / steady, 3),
-        "tokens_per_s": round(args.batch * config.num_tokens / steady, 1),
+        "steady_s": round(steady, 4), "images_per_s": round(batch / steady, 3),
+        "tokens_per_s": round(batch * config.num_tokens / steady, 1),
     }
     if args.decode and model is not None:
-        latents = np.asarray(compiled(*call_args))[:args.batch]
+        latents = np.asarray(compiled(*call_args))[:batch]
         model.decode(latents)   # compile
         t0 = time.perf_counter()
         model.decode(latents)
         result["decode_s"] = round(time.perf_counter() - t0, 4)
-        result["decode_images_per_s"] = round(args.batch / result["decode_s"], 3)
-    print(json.dumps(result, indent=2))
-    return 0
+        result["decode_images_per_s"] = round(batch / result["decode_s"], 3)
+    rows = int(len(call_args[1])) * (2 if args.cfg_scale > 1.0 else 1)
+    flops = sample_flops(config, params if model is None else model.params, rows, args.steps, dtype)
+    result["flops"] = flops
+    if flops and measured:
+        result["matmul_flops_per_device"] = measured
+        result["fraction_of_matmul_rate"] = round(flops / steady / measured / jax.device_count(), 4)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
 """Benchmark the training step of a config on the devices present; prints JSON.
 
     python tools/bench_train.py --config configs/digits_bitdance.py [--config.<field>=<value>]
-        [--steps 10] [--warmup 2] [--tokenizer-dir DIR]
+        [--steps 10] [--warmup 2] [--tokenizer-dir DIR] [--batch 4,16]
 
 Times the jitted train step alone (synthetic batches of the config's shapes, no input
 pipeline): steps/s, images/s, tokens/s, and an MFU estimate = XLA's FLOP count of the
 compiled step x steps/s / the device's peak. Compile time is reported separately. Where the
 device's peak is not known (CPUs), ``--config.peak_tflops_per_device`` sets it, and
 ``mfu_vs_matmul`` compares against a measured float32 matmul rate instead.
+
+``--batch`` takes a comma-separated list of global batch sizes (each compiled and timed in
+turn, one JSON object per size, and a summary line of images/s per size). XLA counts a
+``while`` loop's body once, so with ``model.scan_layers`` the FLOPs come from lowering the same
+step with unscanned layers (lowered, not compiled).
 """
 from __future__ import annotations
 
@@ -53,6 +58,29 @@ def random_tokenizer_dir(image_size: int) -> str:
     return save_tokenizer(os.path.join(tempfile.mkdtemp(), "tokenizer"), tok, params)
 
 
+def unrolled_step_flops(config, trainer) -> float | None:
+    """FLOPs of one step with the layers unrolled (XLA's count of a ``while`` body is once,
+    whatever its trip count): the same step lowered with ``scan_layers=False``, remat off."""
+    import copy
+    import jax
+    from bitdance_jax.train.metrics import step_flops
+    from bitdance_jax.train.trainer import Trainer
+    if not config.get("model") or not config.model.get("scan_layers", False):
+        return None
+    c = copy.deepcopy(config)
+    c.model.scan_layers, c.model.remat = False, "none"
+    t = Trainer(c, tempfile.mkdtemp(), mesh=trainer.mesh).build(trainer.num_steps)
+    batch = jax_shapes(synthetic_batch(trainer, np.random.default_rng(0)))
+    with jax.set_mesh(t.mesh):
+        lowered = t.step_fn(batch).lower(t.abstract_state, t.frozen, batch)
+    return step_flops(lowered)
+
+
+def jax_shapes(tree):
+    import jax
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
+
+
 def synthetic_batch(trainer, rng: np.random.Generator) -> dict:
     """Host batch of the shapes the task trains on (images, or cached latents)."""
     c, b = trainer.config, trainer.global_batch
@@ -72,14 +100,14 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    parser.add_argument("--batch", default="",
+                        help="comma-separated global batch sizes, e.g. 4,16 (default: the config's)")
     parser.add_argument("--tokenizer-dir", default="",
                         help="bitdance configs: the frozen tokenizer (default: an untrained one)")
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
     args = parser.parse_args([a for a in argv[1:] if not a.startswith("--config.")])
 
     import jax
-    from bitdance_jax.train.metrics import peak_flops_per_device, step_flops
-    from bitdance_jax.train import trainer as train
     from bitdance_jax.train.cli import UsageError, parse_args
     try:
         config, _, _ = parse_args([argv[0], "--config", args.config, "--workdir", "unused"]
@@ -90,8 +118,30 @@ def main(argv=None) -> int:
         raise SystemExit("error: benchmark one stage's config (e.g. configs/digits_bitdance.py)")
     if config.kind == "bitdance" and not config.tokenizer_dir:
         config.tokenizer_dir = args.tokenizer_dir or random_tokenizer_dir(config.data.image_size)
+    batches = [int(b) for b in args.batch.split(",") if b.strip()] if args.batch else [None]
+    measured = None
+    if jax.devices()[0].platform == "cpu":
+        measured = matmul_flops_per_device()
+    summary = []
+    for batch_size in batches:
+        if batch_size is not None:
+            config.global_batch_size = batch_size
+        out = bench_one(args, config, overrides, measured)
+        print(json.dumps(out, indent=2), flush=True)
+        summary.append(out)
+    if len(summary) > 1:
+        print(json.dumps({"images_per_s": {o["global_batch"]: round(o["images_per_s"], 4) for o in summary},
+                          "fraction_of_matmul_rate": {o["global_batch"]: o.get("mfu_vs_matmul")
+                                                      for o in summary}}))
+    return 0
 
-    trainer = train.Trainer(config, tempfile.mkdtemp()).build(max(1, config.num_steps or 10 ** 6))
+
+def bench_one(args, config, overrides, measured):
+    """Compile and time the step of ``config`` (one global batch size); the JSON dict."""
+    import jax
+    from bitdance_jax.train.metrics import peak_flops_per_device, step_flops
+    from bitdance_jax.train.trainer import Trainer
+    trainer = Trainer(config, tempfile.mkdtemp()).build(max(1, config.num_steps or 10 ** 6))
     state = trainer.init_state()
     rng = np.random.default_rng(0)
     batches = [trainer.to_device(synthetic_batch(trainer, rng)) for _ in range(2)]
@@ -109,13 +159,14 @@ def main(argv=None) -> int:
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
-    flops = step_flops(step)
+    flops = unrolled_step_flops(config, trainer) or step_flops(step)
     peak = peak_flops_per_device(config)
     out = {
         "config": args.config, "overrides": overrides, "kind": config.kind,
         "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
         "mesh": dict(trainer.mesh.shape), "global_batch": trainer.global_batch,
         "compute_dtype": config.compute_dtype, "compile_s": round(compile_s, 3),
+        "step_s": [round(t, 3) for t in times],
         "step_s_median": step_s, "steps_per_s": 1.0 / step_s,
         "images_per_s": trainer.global_batch / step_s,
         "tokens_per_s": trainer.global_batch * trainer.task.tokens_per_example / step_s,
@@ -123,12 +174,10 @@ def main(argv=None) -> int:
         "mfu": flops / step_s / peak if flops and peak else None,
         "loss": float(metrics["loss"]),
     }
-    if flops and jax.devices()[0].platform == "cpu":
-        measured = matmul_flops_per_device()
+    if flops and measured:
         out["matmul_flops_per_device"] = measured
         out["mfu_vs_matmul"] = flops / step_s / measured
-    print(json.dumps(out, indent=2))
-    return 0
+    return out
 
 
 if __name__ == "__main__":
