@@ -230,9 +230,10 @@ def _allow_patterns(spec: HubId) -> list[str] | None:
     if not spec.subpath:
         return None
     patterns = [spec.subpath, spec.subpath + "/*"]
-    if spec.subpath.endswith(".safetensors"):  # ae.safetensors needs its ae_config.json
+    if spec.subpath.endswith(".safetensors"):  # a tokenizer needs its config beside it
         parent = os.path.dirname(spec.subpath)
-        patterns.append(os.path.join(parent, "ae_config.json") if parent else "ae_config.json")
+        patterns += [os.path.splitext(spec.subpath)[0] + "_config.json",
+                     os.path.join(parent, "ae_config.json") if parent else "ae_config.json"]
     return patterns
 
 

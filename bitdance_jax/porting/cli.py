@@ -6,7 +6,8 @@ SRC may be:
   * a tokenizer ``.pt`` (``{"state_dict": ...}``, e.g. ae_d16c32.pt),
   * a class-conditional ``.pt`` (``{"model", "ema"}``, e.g. BitDance_B_16x.pt),
   * a text-to-image folder (``config.json`` + model shards + ae/vision head/projector),
-  * a tokenizer folder or file pair (``ae.safetensors`` + ``ae_config.json``).
+  * a tokenizer folder or file pair (``ae.safetensors`` + ``ae_config.json``, or the released
+    ``ae_d16c32.safetensors`` + ``ae_d16c32_config.json``).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def port(src: str, dst: str, *, use_ema: bool = True, tokenizer: str | None = No
         raise porting.PortingError(f"{src}: neither a text-to-image folder (config.json) "
                                    "nor a tokenizer folder (ae_config.json)")
     if src.endswith(".safetensors"):
-        return port_tokenizer_safetensors(os.path.dirname(src) or ".", dst, num_codebooks)
+        return port_tokenizer_safetensors(src, dst, num_codebooks)
     blob = porting.load_torch_file(src)
     if isinstance(blob, dict) and "state_dict" in blob:
         return port_tokenizer_pt(src, dst, num_codebooks, state_dict=blob["state_dict"])

@@ -111,7 +111,7 @@ def read_released_config(src: str) -> T2IConfig:
     llm_dict = porting.read_json(os.path.join(src, "config.json"), "LLM config")
     llm = qwen3.Qwen3Config.from_hf_dict(llm_dict)
     head_kwargs = porting.read_json(os.path.join(src, "vision_head_config.json"), "vision head config")
-    tok = read_ae_config(src)
+    tok = read_ae_config(os.path.join(src, "ae_config.json"))
     released = all(llm_dict.get(k) == v for k, v in _RELEASED_BACKBONE.items())
     return T2IConfig(llm=llm, head_kwargs=head_kwargs, tokenizer=tok,
                      supported_sizes=RELEASED_SIZES if released else None)

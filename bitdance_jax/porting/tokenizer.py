@@ -60,24 +60,31 @@ def port_tokenizer_pt(src: str, dst: str, num_codebooks: int | None = None,
     return save_tokenizer(dst, config, params, source=os.path.basename(src))
 
 
-def read_ae_config(folder: str, num_codebooks: int | None = None) -> TokenizerConfig:
-    """The tokenizer config of ``folder/ae_config.json`` ({"ddconfig": ..., "gan_decoder": bool});
+def read_ae_config(path: str, num_codebooks: int | None = None) -> TokenizerConfig:
+    """The tokenizer config of an ``ae_config.json`` ({"ddconfig": ..., "gan_decoder": bool});
     bit groups from ``num_codebooks``, else the file, else 8 bits per group."""
-    cfg = porting.read_json(os.path.join(folder, "ae_config.json"), "tokenizer config")
+    cfg = porting.read_json(path, "tokenizer config")
     if "ddconfig" not in cfg:
-        raise porting.PortingError(f"{folder}/ae_config.json has no 'ddconfig'")
+        raise porting.PortingError(f"{path} has no 'ddconfig'")
     z = cfg["ddconfig"].get("z_channels", 32)
     return TokenizerConfig.from_ddconfig(
         cfg["ddconfig"], gan_decoder=bool(cfg.get("gan_decoder", False)),
         num_codebooks=num_codebooks or cfg.get("num_codebooks", max(1, z // 8)))
 
 
-def port_tokenizer_safetensors(folder: str, dst: str, num_codebooks: int | None = None) -> str:
-    """``ae.safetensors`` + ``ae_config.json`` ({"ddconfig": ..., "gan_decoder": bool})."""
-    config = read_ae_config(folder, num_codebooks)
-    weights = os.path.join(folder, "ae.safetensors")
+def ae_config_path(weights: str) -> str:
+    """The config beside a tokenizer's ``.safetensors``: ``<stem>_config.json`` (the released
+    ``ae_d16c32.safetensors`` + ``ae_d16c32_config.json``), else ``ae_config.json``."""
+    own = os.path.splitext(weights)[0] + "_config.json"
+    return own if os.path.isfile(own) else os.path.join(os.path.dirname(weights), "ae_config.json")
+
+
+def port_tokenizer_safetensors(weights: str, dst: str, num_codebooks: int | None = None) -> str:
+    """A tokenizer ``.safetensors`` (or a folder holding ``ae.safetensors``) and its config."""
+    if os.path.isdir(weights):
+        weights = os.path.join(weights, "ae.safetensors")
     if not os.path.isfile(weights):
-        raise porting.PortingError(f"tokenizer folder {folder}: missing file ae.safetensors")
-    sd = porting.load_safetensors(weights)
-    params = port_tokenizer_state_dict(sd, config, what=weights)
-    return save_tokenizer(dst, config, params, source=os.path.basename(folder.rstrip("/")))
+        raise porting.PortingError(f"missing tokenizer weights {weights}")
+    config = read_ae_config(ae_config_path(weights), num_codebooks)
+    params = port_tokenizer_state_dict(porting.load_safetensors(weights), config, what=weights)
+    return save_tokenizer(dst, config, params, source=os.path.basename(weights))

@@ -69,6 +69,22 @@ def test_port_safetensors_folder_gan_decoder(tmp_path):
     golden.check("gan_decoder", "dec", np.moveaxis(dec, -1, 1))
 
 
+def test_port_released_tokenizer_file_names(tmp_path):
+    """The released tokenizer repo names its files ``ae_d16c32.safetensors`` +
+    ``ae_d16c32_config.json``: the config is found beside the weights by their stem."""
+    import shutil
+    src = tmp_path / "repo"
+    src.mkdir()
+    shutil.copyfile(golden.path("gan_decoder", "ae.safetensors"), src / "ae_tiny.safetensors")
+    shutil.copyfile(golden.path("gan_decoder", "ae_config.json"), src / "ae_tiny_config.json")
+    port_cli.port(str(src / "ae_tiny.safetensors"), str(tmp_path / "tok"))
+    port_cli.port(golden.path("gan_decoder"), str(tmp_path / "ref"))
+    a, b = load_tokenizer(str(tmp_path / "tok")), load_tokenizer(str(tmp_path / "ref"))
+    assert a.config == b.config
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def _write_pt(path, sd):
     torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}, path)
 
