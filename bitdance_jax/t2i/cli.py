@@ -13,6 +13,7 @@ import sys
 import jax.numpy as jnp
 
 from bitdance_jax.checkpointing.param_dir import CheckpointError
+from bitdance_jax.nn.precision import DTYPES, MATMUL_PRECISIONS, resolve_dtype
 from bitdance_jax.porting.convention import PortingError
 from bitdance_jax.t2i.pipeline import load_t2i, to_pil
 from bitdance_jax.t2i.prompts import read_prompts_file
@@ -32,8 +33,13 @@ def main(argv=None) -> int:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the first batch (+1 per batch)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts sampled together")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="param and compute dtype")
+    p.add_argument("--dtype", choices=["auto"] + sorted(DTYPES), default="auto",
+                   help="compute policy (auto: bf16-mixed on GPU/TPU, float32 on CPU)")
+    p.add_argument("--param-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="stored dtype of the LLM/head/projector params (auto: bfloat16 when "
+                        "computing in bf16, as the reference loads its LLM, else float32)")
+    p.add_argument("--matmul-precision", choices=sorted(MATMUL_PRECISIONS), default="default",
+                   help="precision of float32 matmuls")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
@@ -43,8 +49,10 @@ def main(argv=None) -> int:
         if args.prompts_file is not None and not args.out_dir:
             raise ValueError("--prompts-file needs --out-dir")
         prompts = [args.prompt] if args.prompt is not None else read_prompts_file(args.prompts_file)
-        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-        pipe = load_t2i(args.ckpt, param_dtype=dtype, dtype=dtype)
+        dtype = resolve_dtype(args.dtype)
+        param_dtype = dtype if args.param_dtype == "auto" else jnp.dtype(args.param_dtype)
+        pipe = load_t2i(args.ckpt, param_dtype=param_dtype, dtype=dtype,
+                        precision=args.matmul_precision)
         pipe.check_size(args.height, args.width)  # fail before any work
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
