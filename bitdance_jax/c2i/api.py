@@ -11,16 +11,17 @@ import functools
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bitdance_jax import hub
 from bitdance_jax import images as image_lib
 from bitdance_jax.c2i import sampler
-from bitdance_jax.c2i.config import BitDanceConfig, released_name
+from bitdance_jax.c2i import config as c2i_config
+from bitdance_jax.c2i.config import DEFAULT_CFG_SCALES, BitDanceConfig, released_name
 from bitdance_jax.c2i.model import to_unscanned
 from bitdance_jax.checkpointing import param_dir
+from bitdance_jax.nn.precision import PrecisionLike
 from bitdance_jax.parallel import sharding
 from bitdance_jax.tokenizer.api import Tokenizer
 from bitdance_jax.tokenizer.model import TokenizerConfig
@@ -30,32 +31,46 @@ DEFAULT_SAMPLING_STEPS = 100   # Euler-Maruyama steps of the head per AR step (r
 
 
 def save_model(dst: str, config: BitDanceConfig, params, tokenizer_config: TokenizerConfig,
-               *, default_cfg_scale: float = 1.0, overwrite: bool = False, source: str = "") -> str:
+               *, default_cfg_scale: float | None = None, overwrite: bool = False,
+               source: str = "") -> str:
     """Write a (trained) model with its tokenizer: params {"model", "head", "tokenizer"} in
     the layer layout of ``config``. The directory always holds the unscanned layout (and says
-    ``scan_layers: false``), so it loads whatever layout the writer trained with."""
+    ``scan_layers: false``), so it loads whatever layout the writer trained with.
+    ``default_cfg_scale`` None: the released model's guidance, else 4.6 (``default_cfg_scale``
+    of ``c2i.config``)."""
     params = to_unscanned(params, config)
     config = dataclasses.replace(config, scan_layers=False)
+    name = released_name(config)
+    if default_cfg_scale is None:
+        default_cfg_scale = c2i_config.default_cfg_scale(name)
     extra = {"tokenizer": tokenizer_config.to_dict(), "source": source,
-             "released_name": released_name(config), "default_cfg_scale": float(default_cfg_scale)}
+             "released_name": name, "default_cfg_scale": float(default_cfg_scale)}
     return param_dir.save_param_dir(dst, KIND, config.to_dict(), params, overwrite=overwrite,
                                      extra=extra)
 
 
 class BitDanceModel:
-    """A loaded class-conditional model with its tokenizer."""
+    """A loaded class-conditional model with its tokenizer.
+
+    ``default_cfg_scale`` None: the released model's guidance, else 4.6 (with a note).
+    ``dtype`` None: the backend's sampling default (bf16-mixed on GPU/TPU, float32 on CPU).
+    """
 
     def __init__(self, config: BitDanceConfig, params, tokenizer: Tokenizer, *,
-                 default_cfg_scale: float = 1.0, dtype=jnp.float32, mesh=None,
-                 decode_chunk: int = 32):
+                 default_cfg_scale: float | None = None, dtype=None, mesh=None,
+                 decode_chunk: int = 32, precision: PrecisionLike = None,
+                 attention_impl: str = "auto"):
         if tokenizer.config.z_channels != config.latent_dim:
             raise ValueError(f"tokenizer has {tokenizer.config.z_channels} latent channels, "
                              f"the model {config.latent_dim}")
         self.config = config
         self.params = {"model": params["model"], "head": params["head"]}
         self.tokenizer = tokenizer
+        if default_cfg_scale is None:
+            default_cfg_scale = c2i_config.default_cfg_scale(released_name(config))
         self.default_cfg_scale = float(default_cfg_scale)
-        self.sampler = sampler.Sampler(config, dtype=dtype, mesh=mesh)
+        self.sampler = sampler.Sampler(config, dtype=dtype, mesh=mesh, precision=precision,
+                                       attention_impl=attention_impl)
         self.decode_chunk = decode_chunk
         self._decode = jax.jit(functools.partial(tokenizer.model.apply, method="decode"))
         self._tokenizer_params = None
@@ -106,9 +121,24 @@ class BitDanceModel:
                                                sample_indices))
 
 
-def load_model(path: str, dtype=jnp.float32, mesh=None) -> BitDanceModel:
+def stored_cfg_scale(meta: dict, config: BitDanceConfig) -> float:
+    """The guidance a directory samples with by default: the one it records, except in
+    directories without one or ported before unknown architectures defaulted to 4.6 (they
+    recorded 1.0, i.e. no guidance); those get ``default_cfg_scale`` (4.6, with a note)."""
+    name = released_name(config)
+    stored = meta.get("default_cfg_scale")
+    old_port_fallback = ("weights" in meta and stored == 1.0
+                         and name not in DEFAULT_CFG_SCALES)
+    if stored is None or old_port_fallback:
+        return c2i_config.default_cfg_scale(name)
+    return float(stored)
+
+
+def load_model(path: str, dtype=None, mesh=None, precision: PrecisionLike = None,
+               attention_impl: str = "auto") -> BitDanceModel:
     """Load a ported (or trained) class-conditional directory, or a Hub id ``hf:owner/name``
-    (downloaded and ported once, see ``bitdance_jax.hub``)."""
+    (downloaded and ported once, see ``bitdance_jax.hub``). ``dtype`` None: bf16-mixed on
+    GPU/TPU, float32 on CPU; ``precision``: matmul precision (``nn.precision``)."""
     path = hub.resolve(path)
     meta = param_dir.read_meta(path)
     if meta.get("kind") != KIND:
@@ -118,5 +148,6 @@ def load_model(path: str, dtype=jnp.float32, mesh=None) -> BitDanceModel:
     config = BitDanceConfig.from_dict(meta["config"])
     # the decoder stays in float32 whatever the transformer's compute dtype
     tokenizer = Tokenizer(TokenizerConfig(**meta["tokenizer"]), params["tokenizer"])
-    return BitDanceModel(config, params, tokenizer, default_cfg_scale=meta.get("default_cfg_scale", 1.0),
-                         dtype=dtype, mesh=mesh)
+    return BitDanceModel(config, params, tokenizer, default_cfg_scale=stored_cfg_scale(meta, config),
+                         dtype=dtype, mesh=mesh, precision=precision,
+                         attention_impl=attention_impl)

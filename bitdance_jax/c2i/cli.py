@@ -22,7 +22,7 @@ import numpy as np
 from bitdance_jax import images as image_lib
 from bitdance_jax.hub import HubError
 from bitdance_jax.c2i.api import DEFAULT_SAMPLING_STEPS, load_model
-from bitdance_jax.nn.layers import DTYPES
+from bitdance_jax.nn.precision import DTYPES, MATMUL_PRECISIONS
 
 PARTS_MANIFEST = "run.json"
 
@@ -106,7 +106,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=DEFAULT_SAMPLING_STEPS,
                     help="Euler-Maruyama steps of the diffusion head per AR step")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype")
+    ap.add_argument("--dtype", choices=["auto"] + sorted(DTYPES), default="auto",
+                    help="compute policy (auto: bf16-mixed on GPU/TPU, float32 on CPU; "
+                         "params stay float32)")
+    ap.add_argument("--matmul-precision", choices=sorted(MATMUL_PRECISIONS), default="default",
+                    help="precision of float32 matmuls")
     ap.add_argument("--out", help="PNG grid of the --class-ids samples")
     ap.add_argument("--ncol", type=int, default=None, help="grid columns")
     ap.add_argument("--num-samples", type=int, help="number of samples for --npz")
@@ -119,7 +123,7 @@ def main(argv=None) -> int:
         if bool(args.out) == bool(args.npz):
             raise ValueError("give exactly one of --out (PNG grid) or --npz (with --num-samples)")
         class_ids = parse_class_ids(args.class_ids) if args.class_ids else None
-        model = load_model(args.ckpt, dtype=DTYPES[args.dtype])
+        model = load_model(args.ckpt, dtype=args.dtype, precision=args.matmul_precision)
         cfg_scale = model.default_cfg_scale if args.cfg_scale is None else args.cfg_scale
         if args.out:
             if not class_ids:

@@ -157,6 +157,22 @@ RELEASED_MODELS: dict[str, BitDanceConfig] = {
 # Classifier-free guidance of the reference README per released model.
 DEFAULT_CFG_SCALES = {"BitDance-B-1x": 3.2, "BitDance-B-4x": 3.9, "BitDance-B-16x": 6.1,
                       "BitDance-L-1x": 4.0, "BitDance-H-1x": 4.55}
+# The reference sampling scripts' --cfg-scale default: the guidance of every other model.
+FALLBACK_CFG_SCALE = 4.6
+
+
+def default_cfg_scale(name: str | None, *, announce: bool = True) -> float:
+    """Guidance a model samples with unless told: the reference README's value for the
+    released models it lists, else the reference sampling scripts' default 4.6 (with a note
+    on stdout when ``announce``)."""
+    if name in DEFAULT_CFG_SCALES:
+        return DEFAULT_CFG_SCALES[name]
+    if announce:
+        what = f"{name} has" if name else "this architecture is not a released one and has"
+        print(f"note: {what} no published guidance scale; defaulting to cfg "
+              f"{FALLBACK_CFG_SCALE} (the reference sampler's default). Pass cfg_scale / "
+              "--cfg-scale to choose another.")
+    return FALLBACK_CFG_SCALE
 
 
 def released_name(config: BitDanceConfig) -> str | None:

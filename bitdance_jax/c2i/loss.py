@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from bitdance_jax.c2i.config import BitDanceConfig
 from bitdance_jax.c2i.model import BitDanceBackbone, head_apply
 from bitdance_jax.nn import flow, patching
+from bitdance_jax.nn.precision import PrecisionLike
 
 Dtype = Any
 
@@ -29,7 +30,8 @@ def _is_zero(rate) -> bool:
 
 def bitdance_loss(params, latents, class_ids, rng=None, *, config: BitDanceConfig,
                   t_raw=None, noise=None, bit_flip_rate: float = 0.0, label_drop: float = 0.1,
-                  dtype: Dtype = jnp.float32):
+                  dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
+                  attention_impl: str = "auto"):
     """Flow-matching loss of a class-conditional BitDance model (scalar).
 
     ``latents`` [B, h, w, C] in {-1, +1} (NHWC grid), ``class_ids`` [B]. With ``rng`` the
@@ -37,7 +39,8 @@ def bitdance_loss(params, latents, class_ids, rng=None, *, config: BitDanceConfi
     with probability ``label_drop``; ``t_raw`` [B*h*w/P*diff_batch_mul] and ``noise`` (the
     tiled target's shape) default to draws from ``rng``. Without ``rng`` (evaluation) there
     is no perturbation and ``t_raw``/``noise`` must be given. The rates may be traced
-    (e.g. a schedule).
+    (e.g. a schedule). ``dtype``/``precision``: the numerics policy (``nn.precision``); the
+    loss itself is float32 either way.
     """
     cfg = config
     if latents.ndim != 4 or latents.shape[1:] != (cfg.grid_size, cfg.grid_size, cfg.latent_dim):
@@ -54,7 +57,8 @@ def bitdance_loss(params, latents, class_ids, rng=None, *, config: BitDanceConfi
         if not _is_zero(label_drop):
             drop = jax.random.uniform(k_drop, class_ids.shape) < label_drop
             class_ids = jnp.where(drop, cfg.num_classes, class_ids)
-    backbone = BitDanceBackbone(cfg, dtype=dtype, param_dtype=jnp.float32)
+    numerics = dict(precision=precision, attention_impl=attention_impl)
+    backbone = BitDanceBackbone(cfg, dtype=dtype, param_dtype=jnp.float32, **numerics)
     hidden = backbone.apply({"params": params["model"]}, inputs, class_ids)
     cond = hidden.reshape(-1, cfg.parallel_num, cfg.dim)
     target = target.reshape(-1, cfg.parallel_num, cfg.latent_dim)
@@ -65,6 +69,6 @@ def bitdance_loss(params, latents, class_ids, rng=None, *, config: BitDanceConfi
     if noise is None:
         noise = jax.random.normal(k_noise, target.shape, jnp.float32)
     noise = jnp.asarray(noise).reshape(target.shape)
-    return flow.flow_matching_loss(head_apply(cfg, params["head"], dtype), target, cond,
+    return flow.flow_matching_loss(head_apply(cfg, params["head"], dtype, **numerics), target, cond,
                                    jnp.asarray(t_raw), noise, P_mean=cfg.P_mean, P_std=cfg.P_std,
                                    time_shift=cfg.time_shift)

@@ -25,12 +25,13 @@ from flax import linen as nn
 from bitdance_jax.nn import patching
 from bitdance_jax.porting import convention as porting
 from bitdance_jax.c2i.config import REMAT_POLICIES, BitDanceConfig
+from bitdance_jax.nn.attention import attention
 from bitdance_jax.nn.diffusion_head import DiffusionNet
 from bitdance_jax.nn.layers import RMSNorm, dense, embed, swiglu
+from bitdance_jax.nn.precision import PrecisionLike
 
 Dtype = Any
 ROPE_BASE = 10000.0
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 # ----------------------------------------------------------------------------- position / mask
@@ -86,10 +87,13 @@ class Attention(nn.Module):
     n_head: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache=None, start=None):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                  use_bias=False)
         b, length, dim = x.shape
         head_dim = dim // self.n_head
         qkv = dense(3 * dim, ("embed", "heads"), name="wqkv", **kw)(x)
@@ -100,11 +104,8 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
             cache = (k, v)
-        q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_HIGHEST).astype(jnp.float32)
-        logits = jnp.where(mask[None, None], logits, -jnp.inf)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=_HIGHEST).reshape(b, length, dim)
+        out = attention(q, k, v, mask, implementation=self.attention_impl,
+                        precision=self.precision).reshape(b, length, dim)
         return dense(dim, ("heads", "embed"), name="wo", **kw)(out), cache
 
 
@@ -112,28 +113,34 @@ class FeedForward(nn.Module):
     hidden: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                  use_bias=False)
         h = swiglu(dense(2 * self.hidden, ("embed", "mlp"), name="w1", **kw)(x))
         return dense(x.shape[-1], ("mlp", "embed"), name="w2", **kw)(h)
 
 
 class TransformerBlock(nn.Module):
+    """Pre-norm block; the residual stream ``x`` stays float32 whatever ``dtype``."""
     n_head: int
     ffn_hidden: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache=None, start=None):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn, cache = Attention(self.n_head, name="attention", **kw)(
-            RMSNorm(name="attention_norm", **kw)(x), cos, sin, mask, cache, start)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        attn, cache = Attention(self.n_head, name="attention", attention_impl=self.attention_impl,
+                                **kw)(RMSNorm(name="attention_norm", param_dtype=self.param_dtype)(x),
+                                      cos, sin, mask, cache, start)
         h = x + attn
         return h + FeedForward(self.ffn_hidden, name="feed_forward", **kw)(
-            RMSNorm(name="ffn_norm", **kw)(h)), cache
+            RMSNorm(name="ffn_norm", param_dtype=self.param_dtype)(h)), cache
 
 
 class MLPConnector(nn.Module):
@@ -141,10 +148,11 @@ class MLPConnector(nn.Module):
     dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         hidden = int(self.dim * 1.5)
         h = swiglu(dense(2 * hidden, ("latent", "mlp"), name="w1", **kw)(x))
         return dense(self.dim, ("mlp", "embed"), name="w2", **kw)(h)
@@ -157,24 +165,32 @@ class BitDanceBackbone(nn.Module):
     from latents in token order [B, h*w, C]. ``prefill``/``step`` run the sampler's AR steps
     on an explicit KV cache (``init_cache``); they need ``scan_layers=False`` (the sampler
     runs ``inference_config`` on unstacked params).
+
+    ``dtype`` is the matmul input dtype (bfloat16: the bf16-mixed policy, see
+    ``nn.precision``), ``precision`` the matmul precision, ``attention_impl`` one of
+    ``nn.attention.IMPLEMENTATIONS``. Every Linear and embedding starts N(0, 0.02) with zero
+    biases (the reference's init).
     """
     config: BitDanceConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    attention_impl: str = "auto"
 
     def setup(self):
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        block_kw = dict(kw, attention_impl=self.attention_impl)
         # 1001 rows do not split over a mesh axis: shard the (cls_token_num * dim) width
         self.cls_embedding = embed(cfg.num_classes + 1, cfg.cls_token_num * cfg.dim,
-                                   axes=(None, "embed"), **kw)
+                                   axes=(None, "embed"), param_dtype=self.param_dtype)
         if cfg.parallel_num > 1:
             self.query_token = self.param(
                 "query_token", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                             (None, None, "embed")),
                 (1, cfg.parallel_num - 1, cfg.dim), self.param_dtype)
         self.proj_in = MLPConnector(cfg.dim, **kw)
-        self.emb_norm = RMSNorm(**kw)
+        self.emb_norm = RMSNorm(param_dtype=self.param_dtype)
         block = TransformerBlock
         if cfg.remat != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
@@ -182,11 +198,13 @@ class BitDanceBackbone(nn.Module):
             self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                                   in_axes=(nn.broadcast,) * 3, length=cfg.n_layer,
                                   metadata_params={nn.PARTITION_NAME: "layers"}
-                                  )(cfg.n_head, cfg.ffn_hidden, **kw)
+                                  )(cfg.n_head, cfg.ffn_hidden, **block_kw)
         else:
-            self.layers = [block(cfg.n_head, cfg.ffn_hidden, **kw) for _ in range(cfg.n_layer)]
-        self.norm = RMSNorm(**kw)
-        self.pos_for_diff = embed(cfg.num_tokens, cfg.dim, axes=(None, "embed"), **kw)
+            self.layers = [block(cfg.n_head, cfg.ffn_hidden, **block_kw)
+                           for _ in range(cfg.n_layer)]
+        self.norm = RMSNorm(param_dtype=self.param_dtype)
+        self.pos_for_diff = embed(cfg.num_tokens, cfg.dim, axes=(None, "embed"),
+                                  param_dtype=self.param_dtype)
 
     def _check_class_ids(self, class_ids):
         if class_ids.ndim != 1:
@@ -327,10 +345,12 @@ def init_params(config: BitDanceConfig, rng, param_dtype: Dtype = jnp.float32) -
     return {"model": model, "head": head}
 
 
-def head_apply(config: BitDanceConfig, head_params, dtype: Dtype = jnp.float32):
+def head_apply(config: BitDanceConfig, head_params, dtype: Dtype = jnp.float32,
+               precision: PrecisionLike = None, attention_impl: str = "auto"):
     """net_fn(x, t, c) of the diffusion head taking [N, P, C] inputs for every P (the 1x
     MLP head has no token axis: it is squeezed and restored here)."""
-    net = DiffusionNet(config.head_config, dtype=dtype, param_dtype=jnp.float32)
+    net = DiffusionNet(config.head_config, dtype=dtype, param_dtype=jnp.float32,
+                       precision=precision, attention_impl=attention_impl)
 
     def net_fn(x, t, c):
         if config.head_config.uses_mlp_encoder:

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bitdance_jax.nn import flow
 from bitdance_jax.nn import patching
+from bitdance_jax.nn.precision import PrecisionLike, resolve_dtype
 from bitdance_jax.parallel import sharding
 from bitdance_jax.c2i.config import BitDanceConfig, inference_config
 from bitdance_jax.c2i.model import BitDanceBackbone, head_apply, init_cache, unstack_layer_params
@@ -41,6 +42,7 @@ def cfg_schedule(cfg_scale, step, num_steps):
 
 def generate(config: BitDanceConfig, params, class_ids, cfg_scale, noise_fn: NoiseFn, *,
              num_sampling_steps: int, guided: bool, dtype: Dtype = jnp.float32,
+             precision: PrecisionLike = None, attention_impl: str = "auto",
              record: bool = False):
     """Sample binary tokens [B, h*w, C] (token order) for ``class_ids`` [B] (traceable).
 
@@ -53,8 +55,9 @@ def generate(config: BitDanceConfig, params, class_ids, cfg_scale, noise_fn: Noi
     layout whatever ``config.scan_layers`` says (``Sampler`` unstacks scanned params).
     """
     cfg = inference_config(config)
-    backbone = BitDanceBackbone(cfg, dtype=dtype, param_dtype=jnp.float32)
-    net_fn = head_apply(cfg, params["head"], dtype)
+    numerics = dict(precision=precision, attention_impl=attention_impl)
+    backbone = BitDanceBackbone(cfg, dtype=dtype, param_dtype=jnp.float32, **numerics)
+    net_fn = head_apply(cfg, params["head"], dtype, **numerics)
     model_vars = {"params": params["model"]}
     b = class_ids.shape[0]
     ids = class_ids.astype(jnp.int32)
@@ -121,14 +124,15 @@ def keyed_noise(seed, sample_indices, guided: bool, num_sampling_steps: int,
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_program(config: BitDanceConfig, dtype, mesh, batch: int, num_sampling_steps: int,
-                     guided: bool):
+def _sharded_program(config: BitDanceConfig, dtype, precision, attention_impl: str, mesh,
+                     batch: int, num_sampling_steps: int, guided: bool):
     """The jitted sampler of one shape, shared by every ``Sampler`` of the same model/mesh:
     each device runs its slice of the batch (its own cond/null doubling) independently."""
     def local(params, class_ids, sample_indices, seed, cfg_scale):
         noise_fn = keyed_noise(seed, sample_indices, guided, num_sampling_steps, config)
         tokens = generate(config, params, class_ids, cfg_scale, noise_fn,
-                          num_sampling_steps=num_sampling_steps, guided=guided, dtype=dtype)
+                          num_sampling_steps=num_sampling_steps, guided=guided, dtype=dtype,
+                          precision=precision, attention_impl=attention_impl)
         return patching.unpatchify(tokens, config.token_patch, config.grid_size, config.grid_size)
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P("data"), P(), P()),
@@ -139,11 +143,18 @@ def _sharded_program(config: BitDanceConfig, dtype, mesh, batch: int, num_sampli
 class Sampler:
     """Public sampler: validates input, shards the batch over the mesh's ``data`` axis and
     reuses one compiled program per (model, mesh, batch, head steps, guided). Takes params
-    in either layer layout (scanned ones are unstacked once, when placed)."""
+    in either layer layout (scanned ones are unstacked once, when placed).
 
-    def __init__(self, config: BitDanceConfig, dtype: Dtype = jnp.float32, mesh=None):
+    ``dtype`` None (or ``"auto"``) picks the backend's default: bf16-mixed on GPU/TPU,
+    float32 on CPU (``nn.precision.default_sampling_dtype``); params stay float32.
+    """
+
+    def __init__(self, config: BitDanceConfig, dtype: Dtype | str | None = None, mesh=None,
+                 precision: PrecisionLike = None, attention_impl: str = "auto"):
         self.config = config
-        self.dtype = dtype
+        self.dtype = resolve_dtype(dtype)
+        self.precision = precision
+        self.attention_impl = attention_impl
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
         self._placed = (None, None)
 
@@ -166,8 +177,8 @@ class Sampler:
         return ids.astype(np.int32)
 
     def _program(self, batch: int, num_sampling_steps: int, guided: bool):
-        return _sharded_program(inference_config(self.config), self.dtype, self.mesh, batch, num_sampling_steps,
-                                guided)
+        return _sharded_program(inference_config(self.config), self.dtype, self.precision,
+                                self.attention_impl, self.mesh, batch, num_sampling_steps, guided)
 
     def _replicated(self, params):
         if self._placed[0] is not params:

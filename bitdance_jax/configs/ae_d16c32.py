@@ -21,7 +21,7 @@ def get_config():
     c.data.num_threads = 16
     c.global_batch_size = 256
     c.num_steps = 500_000
-    c.compute_dtype = "bfloat16"
+    c.compute_dtype = "bf16-mixed"
     c.mesh = (1, -1, 1)
     c.optim.update(dict(lr=1e-4, min_lr=1e-5, warmup_steps=5000, decay_start=250_000,
                         weight_decay=0.05, ema_decay=0.9999))

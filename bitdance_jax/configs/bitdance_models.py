@@ -4,7 +4,8 @@ tokens per AR step) and a tiny one for CPU smoke runs, with the reference's guid
     from bitdance_jax.configs.bitdance_models import get_model
     config = get_model("BitDance-B-4x")      # a bitdance_jax.c2i.model.BitDanceConfig
 """
-from bitdance_jax.c2i.config import DEFAULT_CFG_SCALES, RELEASED_MODELS, BitDanceConfig
+from bitdance_jax.c2i import config as c2i_config
+from bitdance_jax.c2i.config import RELEASED_MODELS, BitDanceConfig
 
 # A few-seconds-on-CPU model: the tiny golden architecture (4x4 grid, 4 tokens per step).
 TINY = BitDanceConfig(dim=64, n_layer=2, n_head=4, diff_layers=2, diff_dim=64, diff_adanln_layers=2,
@@ -20,5 +21,6 @@ def get_model(name: str) -> BitDanceConfig:
 
 
 def default_cfg_scale(name: str) -> float:
-    """The reference README's guidance for a released model (1.0 = none when not listed)."""
-    return DEFAULT_CFG_SCALES.get(name, 1.0)
+    """The reference README's guidance for a listed released model, else the reference
+    sampler's default 4.6 (``c2i.config.default_cfg_scale``, which prints a note)."""
+    return c2i_config.default_cfg_scale(name)

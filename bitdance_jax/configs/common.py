@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from bitdance_jax.c2i.config import DEFAULT_CFG_SCALES, MODEL_SIZES
+from bitdance_jax.c2i.config import MODEL_SIZES, default_cfg_scale
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
@@ -56,7 +56,11 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
     c.per_device_batch_size = 32
     c.num_steps = 0                     # 0: epochs x steps per epoch
     c.epochs = 0
-    c.compute_dtype = "float32"         # float32 | bfloat16 (params stay float32)
+    # Numerics policy (bitdance_jax.nn.precision): float32 | bf16-mixed (float32 params,
+    # optimizer state, residual stream, norms, softmax and losses; bf16 matmul inputs);
+    # "bfloat16" is an older name of bf16-mixed. The bitdance kind sets it as
+    # model.precision (this field then follows it).
+    c.compute_dtype = "float32"
     c.init_from = ""                    # a ported / trained param directory to start from
     c.log_every = 50
     c.sample_every = 0                  # 0: only the final sample grid
@@ -83,7 +87,12 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
             num_classes=1000, parallel_num=1, parallel_mode="patch", cls_token_num=64,
             diff_batch_mul=4, P_mean=-0.8, P_std=0.8, time_shift=1.0, **MODEL_SIZES["B"],
             remat="none",         # none | full | dots: rematerialise each block's activations
-            scan_layers=False))   # nn.scan over the blocks (stacked params, faster compile)
+            scan_layers=False,    # nn.scan over the blocks (stacked params, faster compile)
+            # Numerics (not architecture): see compute_dtype above; matmul_precision of the
+            # float32 matmuls: default | high | highest; attention: auto (cuDNN on GPU where
+            # it applies, else XLA) | xla | cudnn | einsum.
+            precision="float32", matmul_precision="default", attention="auto"))
+        c.compute_dtype = c.model.get_ref("precision")   # the older name, kept in sync
         c.loss = ml_collections.ConfigDict(dict(bit_flip_rate=0.1, label_drop=0.1))
         c.sample = ml_collections.ConfigDict(dict(cfg_scale=4.0, num_steps=50, per_class=4,
                                                   classes=(), seed=0))
@@ -116,7 +125,7 @@ def imagenet_bitdance(size: str, parallel_num: int) -> ml_collections.ConfigDict
     c.data.worker_count = 0
     c.global_batch_size = 1024
     c.epochs = 800
-    c.compute_dtype = "bfloat16"
+    c.model.precision = "bf16-mixed"
     # B fits data parallelism; L and H shard params and optimizer state (FSDP) over all devices.
     c.mesh = (-1, 1, 1) if size == "B" else (1, -1, 1)
     # One scanned block compiles once for all layers; L/H keep only the block inputs for the
@@ -130,7 +139,7 @@ def imagenet_bitdance(size: str, parallel_num: int) -> ml_collections.ConfigDict
     c.checkpoint.every_steps = 2000
     c.checkpoint.keep = 3
     name = f"BitDance-{size}-{parallel_num}x"
-    c.sample.cfg_scale = DEFAULT_CFG_SCALES.get(name, 4.0)
+    c.sample.cfg_scale = default_cfg_scale(name, announce=False)
     c.sample.num_steps = 50
     c.sample.per_class = 4
     c.sample.classes = (207, 360, 387, 974, 88, 979, 417, 279)

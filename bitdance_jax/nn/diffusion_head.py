@@ -10,6 +10,11 @@ Three reference variants share one module (``DiffusionNet``):
   Linear-SiLU-Linear MLP, output squashed to (-1, 1) by 2*sigmoid - 1).
 
 Submodule names follow the torch keys under ``net.*`` through ``bitdance_jax.porting``.
+
+Initialisation (the reference re-initialises its head after the model-wide N(0, 0.02)):
+every Linear Xavier-uniform with zero bias, except the timestep MLP (N(0, 0.02), zero
+bias) and every adaLN modulation and the final linear (all zero), so a fresh head predicts
+x = 0 and each block starts as the identity.
 """
 from __future__ import annotations
 
@@ -23,13 +28,22 @@ import numpy as np
 from flax import linen as nn
 
 from bitdance_jax.porting import convention as porting
-from bitdance_jax.nn.layers import dense, layer_norm, swiglu
+from bitdance_jax.nn.attention import attention
+from bitdance_jax.nn.layers import dense, layer_norm, linear_init, swiglu, xavier_init, zero_init
+from bitdance_jax.nn.precision import PrecisionLike
 
 Dtype = Any
 
 VARIANTS = ("imagenet", "t2i")
 FREQ_EMBED_DIM = 256
-_HIGHEST = jax.lax.Precision.HIGHEST
+# Kernel init of each kind of head Linear (biases are always zero).
+HEAD_INITS = {"xavier": xavier_init, "normal": linear_init, "zero": zero_init}
+
+
+def head_dense(features: int, axes: tuple[str, str], *, name: str, init: str = "xavier", **kw):
+    """A head Linear: Xavier-uniform (default), N(0, 0.02) (``normal``: timestep MLP) or
+    zero (``zero``: adaLN modulations and the final layer); zero bias."""
+    return dense(features, axes, name=name, kernel_init=HEAD_INITS[init](), **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,12 +190,14 @@ class TimestepEmbedder(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, t):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = dense(self.features, ("latent", "embed"), name="mlp_0", **kw)(timestep_embedding(t))
-        return dense(self.features, ("mlp", "embed"), name="mlp_2", **kw)(nn.silu(h))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                  init="normal")
+        h = head_dense(self.features, ("latent", "embed"), name="mlp_0", **kw)(timestep_embedding(t))
+        return head_dense(self.features, ("mlp", "embed"), name="mlp_2", **kw)(nn.silu(h))
 
 
 def modulate(x, scale, shift):
@@ -193,19 +209,18 @@ class Attention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         n, length, dim = x.shape
         head_dim = dim // self.num_heads
-        qkv = dense(3 * dim, ("embed", "heads"), name="wqkv", **kw)(x)
+        qkv = head_dense(3 * dim, ("embed", "heads"), name="wqkv", **kw)(x)
         q, k, v = (a.reshape(n, length, self.num_heads, head_dim) for a in jnp.split(qkv, 3, -1))
-        q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, precision=_HIGHEST)
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("nhqk,nkhd->nqhd", probs, v, precision=_HIGHEST)
-        return dense(dim, ("heads", "embed"), name="wo", **kw)(out.reshape(n, length, dim))
+        out = attention(q, k, v, implementation=self.attention_impl, precision=self.precision)
+        return head_dense(dim, ("heads", "embed"), name="wo", **kw)(out.reshape(n, length, dim))
 
 
 def feed_forward(h, use_swiglu: bool, kw):
@@ -215,21 +230,22 @@ def feed_forward(h, use_swiglu: bool, kw):
     dim = h.shape[-1]
     hidden = int(dim * 1.5)
     if use_swiglu:
-        h = swiglu(dense(2 * hidden, ("embed", "mlp"), name="w1", **kw)(h))
-        return dense(dim, ("mlp", "embed"), name="w2", **kw)(h)
-    h = nn.silu(dense(hidden, ("embed", "mlp"), name="mlp_0", **kw)(h))
-    return dense(dim, ("mlp", "embed"), name="mlp_2", **kw)(h)
+        h = swiglu(head_dense(2 * hidden, ("embed", "mlp"), name="w1", **kw)(h))
+        return head_dense(dim, ("mlp", "embed"), name="w2", **kw)(h)
+    h = nn.silu(head_dense(hidden, ("embed", "mlp"), name="mlp_0", **kw)(h))
+    return head_dense(dim, ("mlp", "embed"), name="mlp_2", **kw)(h)
 
 
 class ResBlock(nn.Module):
     """MlpEncoder block (1x head): x + swiglu(LN(x)(1 + scale) + shift) * gate."""
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, x, scale, shift, gate):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = modulate(layer_norm(name="norm", **kw)(x), scale, shift)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        h = modulate(layer_norm(name="norm", param_dtype=self.param_dtype)(x), scale, shift)
         return x + feed_forward(h, True, kw) * gate
 
 
@@ -239,13 +255,16 @@ class TransBlock(nn.Module):
     use_swiglu: bool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, scale1, shift1, gate1, scale2, shift2, gate2):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = modulate(layer_norm(name="norm1", **kw)(x), scale1, shift1)
-        x = x + Attention(self.num_heads, name="attn", **kw)(h) * gate1
-        h = modulate(layer_norm(name="norm2", **kw)(x), scale2, shift2)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        h = modulate(layer_norm(name="norm1", param_dtype=self.param_dtype)(x), scale1, shift1)
+        x = x + Attention(self.num_heads, name="attn", attention_impl=self.attention_impl,
+                          **kw)(h) * gate1
+        h = modulate(layer_norm(name="norm2", param_dtype=self.param_dtype)(x), scale2, shift2)
         return x + feed_forward(h, self.use_swiglu, kw) * gate2
 
 
@@ -253,15 +272,18 @@ class FinalLayer(nn.Module):
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, x, y):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                  init="zero")
         dim = x.shape[-1]
-        mod = dense(2 * dim, ("embed", "mlp"), name="ada_ln_modulation", **kw)(y)
+        mod = head_dense(2 * dim, ("embed", "mlp"), name="ada_ln_modulation", **kw)(y)
         scale, shift = jnp.split(mod, 2, axis=-1)
-        h = modulate(layer_norm(use_affine=False, name="norm_final", **kw)(x), scale, shift)
-        return dense(self.out_channels, ("embed", "latent"), name="linear", **kw)(h)
+        h = modulate(layer_norm(use_affine=False, name="norm_final",
+                                param_dtype=self.param_dtype)(x), scale, shift)
+        return head_dense(self.out_channels, ("embed", "latent"), name="linear", **kw)(h)
 
 
 class DiffusionNet(nn.Module):
@@ -269,11 +291,13 @@ class DiffusionNet(nn.Module):
 
     ``__call__(x, t, c)``: TransEncoder heads take x [N, P, ch_target], t [N],
     c [N, P, ch_cond]; the 1x MlpEncoder head takes x [N, ch_target], t [N], c [N, ch_cond].
-    Returns the predicted clean x, same shape as ``x``.
+    Returns the predicted clean x, same shape as ``x`` (float32).
     """
     config: HeadConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    attention_impl: str = "auto"
 
     def _check_inputs(self, x, t, c):
         cfg = self.config
@@ -292,16 +316,18 @@ class DiffusionNet(nn.Module):
     def __call__(self, x, t, c):
         self._check_inputs(x, t, c)
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         dim = cfg.ch_latent
-        h = dense(dim, ("latent", "embed"), name="input_proj", **kw)(x)
+        # The token stream h is float32 (Dense outputs are added to it or promoted).
+        h = head_dense(dim, ("latent", "embed"), name="input_proj", **kw)(x).astype(jnp.float32)
         temb = TimestepEmbedder(dim, name="time_embed", **kw)(t)
         if not cfg.uses_mlp_encoder:
             temb = temb[:, None]
-        y = nn.silu(temb + dense(dim, ("latent", "embed"), name="cond_embed", **kw)(c))
+        y = nn.silu(temb + head_dense(dim, ("latent", "embed"), name="cond_embed", **kw)(c))
 
         chunks = 3 if cfg.uses_mlp_encoder else 6
-        ada_ln = [dense(chunks * dim, ("embed", "mlp"), name=f"ada_ln_blocks_{k}", **kw)
+        ada_ln = [head_dense(chunks * dim, ("embed", "mlp"), name=f"ada_ln_blocks_{k}",
+                             init="zero", **kw)
                   for k in range(cfg.depth_adanln)]
         if self.is_initializing():
             for block in ada_ln[cfg.depth_latent // cfg.adaln_switch_every:]:
@@ -312,8 +338,9 @@ class DiffusionNet(nn.Module):
             if cfg.uses_mlp_encoder:
                 h = ResBlock(name=f"res_blocks_{i}", **kw)(h, *mods)
             else:
-                h = TransBlock(cfg.num_heads, cfg.use_swiglu, name=f"res_blocks_{i}", **kw)(h, *mods)
-        out = FinalLayer(cfg.ch_target, name="final_layer", **kw)(h, y)
+                h = TransBlock(cfg.num_heads, cfg.use_swiglu, name=f"res_blocks_{i}",
+                               attention_impl=self.attention_impl, **kw)(h, *mods)
+        out = FinalLayer(cfg.ch_target, name="final_layer", **kw)(h, y).astype(jnp.float32)
         if cfg.variant == "t2i":
             out = 2 * jax.nn.sigmoid(out) - 1
         return out

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from bitdance_jax import images as image_lib
 from bitdance_jax.checkpointing.param_dir import CheckpointError
 from bitdance_jax.hub import HubError
+from bitdance_jax.nn.precision import DTYPES, MATMUL_PRECISIONS, resolve_dtype
 from bitdance_jax.porting.convention import PortingError
 from bitdance_jax.t2i import evaluation
 from bitdance_jax.t2i.pipeline import load_t2i, to_pil
@@ -71,8 +72,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0,
                    help="--prompt: its seed; --prompts-file: prompt i uses seed + i")
     p.add_argument("--batch-size", type=int, default=1, help="prompts sampled together")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="param and compute dtype")
+    p.add_argument("--dtype", choices=["auto"] + sorted(DTYPES), default="auto",
+                   help="compute policy (auto: bf16-mixed on GPU/TPU, float32 on CPU)")
+    p.add_argument("--param-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="stored dtype of the LLM/head/projector params (auto: bfloat16 when "
+                        "computing in bf16, as the reference loads its LLM, else float32)")
+    p.add_argument("--matmul-precision", choices=sorted(MATMUL_PRECISIONS), default="default",
+                   help="precision of float32 matmuls")
     args = p.parse_args(argv)
 
     try:
@@ -83,8 +89,10 @@ def main(argv=None) -> int:
         if args.batch_size < 1 or args.num_images < 1:
             raise ValueError("--batch-size and --num-images must be >= 1")
         entries = read_prompts_file(args.prompts_file) if args.prompts_file else None
-        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-        pipe = load_t2i(args.ckpt, param_dtype=dtype, dtype=dtype)
+        dtype = resolve_dtype(args.dtype)
+        param_dtype = dtype if args.param_dtype == "auto" else jnp.dtype(args.param_dtype)
+        pipe = load_t2i(args.ckpt, param_dtype=param_dtype, dtype=dtype,
+                        precision=args.matmul_precision)
         pipe.check_size(args.height, args.width)  # fail before any work
         if entries is not None:
             written = run_prompt_set(pipe, entries, args)

@@ -14,6 +14,7 @@ import optax
 
 from bitdance_jax.nn.diffusion_head import DiffusionNet, example_inputs
 from bitdance_jax.nn.flow import flow_matching_loss
+from bitdance_jax.nn.precision import PrecisionLike
 from bitdance_jax.t2i import qwen3
 from bitdance_jax.t2i.config import T2IConfig
 from bitdance_jax.t2i.model import Projector, position_table
@@ -49,14 +50,19 @@ def apply_caption_drop(batch, dropped):
 
 
 class PackedT2IModel:
-    """The trained parts (Qwen3, vision head, projector) and the packed-row forward."""
+    """The trained parts (Qwen3, vision head, projector) and the packed-row forward.
 
-    def __init__(self, config: T2IConfig, dtype=jnp.float32):
+    ``dtype``/``precision``: the numerics policy (``nn.precision``; bfloat16 = bf16-mixed);
+    ``attention_impl``: ``nn.attention`` implementation of the LLM and the head."""
+
+    def __init__(self, config: T2IConfig, dtype=jnp.float32, precision: PrecisionLike = None,
+                 attention_impl: str = "auto"):
         self.config = config
         self.dtype = dtype
-        self.llm = qwen3.Qwen3ForCausalLM(config.llm, dtype=dtype)
-        self.head = DiffusionNet(config.head, dtype=dtype)
-        self.projector = Projector(config.llm.hidden_size, dtype=dtype)
+        kw = dict(dtype=dtype, precision=precision)
+        self.llm = qwen3.Qwen3ForCausalLM(config.llm, attention_impl=attention_impl, **kw)
+        self.head = DiffusionNet(config.head, attention_impl=attention_impl, **kw)
+        self.projector = Projector(config.llm.hidden_size, **kw)
         self.pos_table = position_table(config.llm.hidden_size, config.vae_patch_size)
 
     def init(self, rng):

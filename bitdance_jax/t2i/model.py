@@ -9,7 +9,8 @@ import numpy as np
 from flax import linen as nn
 
 from bitdance_jax.nn.diffusion_head import DiffusionNet
-from bitdance_jax.nn.layers import dense
+from bitdance_jax.nn.layers import dense, torch_bias_init, torch_linear_init
+from bitdance_jax.nn.precision import PrecisionLike
 from bitdance_jax.nn.patching import patchify
 from bitdance_jax.parallel.sharding import divisible_logical_sharding
 from bitdance_jax.porting.convention import abstract_params
@@ -20,17 +21,25 @@ from bitdance_jax.tokenizer.api import abstract_tokenizer_params
 Dtype = Any
 
 class Projector(nn.Module):
-    """Binary latents -> LLM inputs: Linear, GELU (tanh approximation), Linear (fc1/fc2)."""
+    """Binary latents -> LLM inputs: Linear, GELU (tanh approximation), Linear (fc1/fc2).
+
+    Initialised as the reference leaves it (its ``MLPconnector`` is never re-initialised):
+    PyTorch's default Linear init, kernel and bias U(+-1/sqrt(fan_in)). Returns float32.
+    """
     hidden_size: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, bits):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = dense(self.hidden_size, ("latent", "embed"), name="fc1", **kw)(bits)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                  kernel_init=torch_linear_init())
+        h = dense(self.hidden_size, ("latent", "embed"), name="fc1",
+                  bias_init=torch_bias_init(bits.shape[-1]), **kw)(bits)
         h = nn.gelu(h, approximate=True)
-        return dense(self.hidden_size, ("mlp", "embed"), name="fc2", **kw)(h)
+        return dense(self.hidden_size, ("mlp", "embed"), name="fc2",
+                     bias_init=torch_bias_init(self.hidden_size), **kw)(h).astype(jnp.float32)
 
 
 def sincos_table(dim: int, length: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from bitdance_jax import hub
 from bitdance_jax import images as image_lib
 from bitdance_jax.checkpointing import param_dir
 from bitdance_jax.nn.diffusion_head import DiffusionNet
+from bitdance_jax.nn.precision import PrecisionLike, resolve_dtype
 from bitdance_jax.nn.patching import unpatchify
 from bitdance_jax.parallel.sharding import divisible_logical_sharding
 from bitdance_jax.porting.t2i import read_released_folder
@@ -27,9 +28,13 @@ from bitdance_jax.t2i.sampler import (NoiseSource, PROGRESS_BARS, prompt_bucket,
                                       seeded_noise)
 from bitdance_jax.tokenizer.model import BinaryAutoencoder
 
-def load_t2i(path: str, *, param_dtype=jnp.float32, dtype=jnp.float32, mesh=None) -> "T2IPipeline":
-    """A pipeline from a released-layout folder, a directory written by ``port_t2i_folder``,
-    or a Hub id ``hf:owner/name``."""
+def load_t2i(path: str, *, param_dtype=jnp.float32, dtype=None, mesh=None,
+             precision: PrecisionLike = None, attention_impl: str = "auto") -> "T2IPipeline":
+    """A pipeline from a released-layout folder or a directory written by ``port_t2i_folder``.
+
+    ``param_dtype``: stored dtype of the LLM, head and projector params (bfloat16 halves the
+    memory, as the reference's bf16 LLM); ``dtype``: the compute policy, None = the backend's
+    default (bf16-mixed on GPU/TPU, float32 on CPU). ``path`` may be a Hub id ``hf:owner/name``."""
     path = hub.resolve(path, param_dtype=jnp.dtype(param_dtype).name)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
@@ -52,7 +57,8 @@ def load_t2i(path: str, *, param_dtype=jnp.float32, dtype=jnp.float32, mesh=None
         config, params = read_released_folder(path, param_dtype=param_dtype, mesh=mesh)
         if mesh is not None:
             params = place_params(params, config, mesh)
-    return T2IPipeline(config, params, TextTokenizer(path), dtype=dtype)
+    return T2IPipeline(config, params, TextTokenizer(path), dtype=dtype, precision=precision,
+                       attention_impl=attention_impl)
 
 
 
@@ -64,17 +70,21 @@ class SampleTrace:
 
 
 class T2IPipeline:
-    """Loaded text-to-image model. ``params``: {"llm", "head", "projector", "tokenizer"}."""
+    """Loaded text-to-image model. ``params``: {"llm", "head", "projector", "tokenizer"}.
+
+    ``dtype``: compute policy (None: bf16-mixed on GPU/TPU, float32 on CPU); the tokenizer
+    decoder always runs in float32."""
 
     def __init__(self, config: T2IConfig, params, text_tokenizer: TextTokenizer,
-                 dtype=jnp.float32):
+                 dtype=None, precision: PrecisionLike = None, attention_impl: str = "auto"):
         self.config = config
         self.params = params
         self.text_tokenizer = text_tokenizer
-        self.dtype = dtype
-        self.llm = qwen3.Qwen3ForCausalLM(config.llm, dtype=dtype)
-        self.head = DiffusionNet(config.head, dtype=dtype)
-        self.projector = Projector(config.llm.hidden_size, dtype=dtype)
+        self.dtype = dtype = resolve_dtype(dtype)
+        kw = dict(dtype=dtype, precision=precision)
+        self.llm = qwen3.Qwen3ForCausalLM(config.llm, attention_impl=attention_impl, **kw)
+        self.head = DiffusionNet(config.head, attention_impl=attention_impl, **kw)
+        self.projector = Projector(config.llm.hidden_size, **kw)
         self._decode = jax.jit(functools.partial(
             BinaryAutoencoder(config.tokenizer).apply, method="decode"))
         self.pos_table = position_table(config.llm.hidden_size, config.vae_patch_size)

@@ -8,6 +8,10 @@ porting convention (``model/layers_0/self_attn/q_proj`` <-> ``model.layers.0.sel
 Attention always takes an explicit boolean mask ``[B, Lq, Lk]`` (True = attend), so the
 same code serves the causal prompt pass and the block-bidirectional image steps. The KV
 cache is a preallocated pytree passed in and returned (static shapes under ``jit``).
+
+Numerics: ``dtype`` is the matmul input dtype (bfloat16 = the bf16-mixed policy of
+``nn.precision``): the residual stream, norms and attention softmax stay float32.
+Initialisation is Hugging Face's (Linear and embeddings N(0, 0.02), zero biases, norms 1).
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from bitdance_jax.nn.attention import attention
 from bitdance_jax.nn.layers import RMSNorm, dense, embed as embedding_layer
+from bitdance_jax.nn.precision import PrecisionLike
 
 Dtype = Any
 KVCache = dict  # {"k": [layers, B, S, kv_heads, head_dim], "v": same}
@@ -145,35 +151,33 @@ class Qwen3Attention(nn.Module):
     config: Qwen3Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=cfg.attention_bias)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                  use_bias=cfg.attention_bias)
         b, l, _ = x.shape
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q = dense(h * d, ("embed", "heads"), name="q_proj", **kw)(x).reshape(b, l, h, d)
         k = dense(kv * d, ("embed", "heads"), name="k_proj", **kw)(x).reshape(b, l, kv, d)
         v = dense(kv * d, ("embed", "heads"), name="v_proj", **kw)(x).reshape(b, l, kv, d)
-        norm_kw = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-        q = apply_rope(RMSNorm(name="q_norm", **norm_kw)(q), cos, sin)
-        k = apply_rope(RMSNorm(name="k_norm", **norm_kw)(k), cos, sin)
+        norm_kw = dict(eps=cfg.rms_norm_eps, param_dtype=self.param_dtype)
+        # per-head norms and RoPE in float32, then the attention inputs in the compute dtype
+        q = apply_rope(RMSNorm(name="q_norm", **norm_kw)(q), cos, sin).astype(self.dtype)
+        k = apply_rope(RMSNorm(name="k_norm", **norm_kw)(k), cos, sin).astype(self.dtype)
         if layer_cache is not None:
             k, v = k.astype(layer_cache[0].dtype), v.astype(layer_cache[1].dtype)
             k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k, cache_index, axis=1)
             v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v, cache_index, axis=1)
         else:
             k_all, v_all = k, v
-        # Query head i uses kv head i // (h // kv): group queries as [kv, h // kv].
-        qg = q.reshape(b, l, kv, h // kv, d)
-        scores = jnp.einsum("blkgd,bskd->bkgls", qg, k_all.astype(self.dtype),
-                            precision=jax.lax.Precision.HIGHEST).astype(jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(d))
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgls,bskd->blkgd", probs, v_all.astype(self.dtype),
-                         precision=jax.lax.Precision.HIGHEST).reshape(b, l, h * d)
-        out = dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
+        # Query head i uses kv head i // (h // kv) (grouped-query attention).
+        out = attention(q, k_all.astype(self.dtype), v_all.astype(self.dtype), mask,
+                        implementation=self.attention_impl, precision=self.precision)
+        out = dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out.reshape(b, l, h * d))
         return out, (k, v)
 
 
@@ -181,11 +185,13 @@ class Qwen3MLP(nn.Module):
     config: Qwen3Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                  use_bias=False)
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         return dense(cfg.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(nn.silu(gate) * up)
@@ -195,12 +201,15 @@ class Qwen3DecoderLayer(nn.Module):
     config: Qwen3Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        norm_kw = dict(eps=self.config.rms_norm_eps, **kw)
-        attn_out, new_kv = Qwen3Attention(self.config, name="self_attn", **kw)(
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        norm_kw = dict(eps=self.config.rms_norm_eps, param_dtype=self.param_dtype)
+        attn_out, new_kv = Qwen3Attention(self.config, name="self_attn",
+                                          attention_impl=self.attention_impl, **kw)(
             RMSNorm(name="input_layernorm", **norm_kw)(x), cos, sin, mask, layer_cache, cache_index)
         x = x + attn_out
         x = x + Qwen3MLP(self.config, name="mlp", **kw)(
@@ -226,18 +235,23 @@ class Qwen3Model(nn.Module):
     ``cache_index + arange(L)``; ``attention_mask [B, L, Lk]`` defaults to causal without
     a cache (with a cache the caller must give it: Lk is the cache length). With
     ``kv_cache`` the new keys/values are written at ``cache_index`` and the updated cache
-    is returned.
+    is returned. The hidden states (residual stream) are float32.
     """
     config: Qwen3Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    attention_impl: str = "auto"
 
     def setup(self):
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                  attention_impl=self.attention_impl)
         # setup() names submodules after their attributes: embed_tokens, layers_<i>, norm.
-        self.embed_tokens = embedding_layer(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.embed_tokens = embedding_layer(cfg.vocab_size, cfg.hidden_size,
+                                            param_dtype=self.param_dtype)
         self.layers = [Qwen3DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)]
-        self.norm = RMSNorm(eps=cfg.rms_norm_eps, **kw)
+        self.norm = RMSNorm(eps=cfg.rms_norm_eps, param_dtype=self.param_dtype)
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
@@ -247,7 +261,8 @@ class Qwen3Model(nn.Module):
                  output_hidden_states: bool = False) -> Qwen3Output:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        x = (self.embed_tokens(input_ids) if inputs_embeds is None
+             else inputs_embeds.astype(jnp.float32))
         b, l, _ = x.shape
         if positions is None:
             positions = jnp.broadcast_to(cache_index + jnp.arange(l), (b, l))
@@ -274,10 +289,12 @@ class Qwen3ForCausalLM(nn.Module):
     config: Qwen3Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    attention_impl: str = "auto"
 
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.model = Qwen3Model(self.config, **kw)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        self.model = Qwen3Model(self.config, attention_impl=self.attention_impl, **kw)
         if not self.config.tie_word_embeddings:
             self.lm_head = dense(self.config.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
 

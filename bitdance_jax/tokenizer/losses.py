@@ -50,7 +50,8 @@ class PatchDiscriminator(nn.Module):
             features = self.ch * min(2 ** i, 8)
             stride = 2 if i < self.num_layers else 1
             x = conv(features, 4, stride=stride, use_bias=False, name=f"convs_{i - 1}", **kw)(x)
-            x = group_norm(num_groups=min(32, features), name=f"norms_{i - 1}", **kw)(x)
+            x = group_norm(num_groups=min(32, features), name=f"norms_{i - 1}",
+                           param_dtype=self.param_dtype)(x)
             x = nn.leaky_relu(x, 0.2)
         return conv(1, 4, name="conv_out", **kw)(x).astype(jnp.float32)
 

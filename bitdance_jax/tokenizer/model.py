@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from bitdance_jax.nn.layers import conv, dense, group_norm
+from bitdance_jax.nn.layers import conv, dense, group_norm, torch_linear_init
+from bitdance_jax.nn.precision import PrecisionLike, lax_precision
 
 Dtype = Any
 
@@ -73,13 +74,14 @@ class ResBlock(nn.Module):
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.swish(group_norm(name="norm1", **kw)(x))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        h = nn.swish(group_norm(name="norm1", param_dtype=self.param_dtype)(x))
         h = conv(self.out_channels, 3, use_bias=False, name="conv1", **kw)(h)
-        h = nn.swish(group_norm(name="norm2", **kw)(h))
+        h = nn.swish(group_norm(name="norm2", param_dtype=self.param_dtype)(h))
         h = conv(self.out_channels, 3, use_bias=False, name="conv2", **kw)(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, use_bias=False, name="nin_shortcut", **kw)(x)
@@ -93,10 +95,11 @@ class DownLevel(nn.Module):
     downsample: bool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         for i in range(self.num_blocks):
             x = ResBlock(self.out_channels, name=f"block_{i}", **kw)(x)
         if self.downsample:
@@ -108,17 +111,19 @@ class Encoder(nn.Module):
     config: TokenizerConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, x):
-        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         h = conv(c.ch, 3, use_bias=False, name="conv_in", **kw)(x)
         last = len(c.ch_mult) - 1
         for level, mult in enumerate(c.ch_mult):
             h = DownLevel(c.ch * mult, c.num_res_blocks, level < last, name=f"down_{level}", **kw)(h)
         for i in range(c.num_res_blocks):
             h = ResBlock(h.shape[-1], name=f"mid_block_{i}", **kw)(h)
-        h = nn.swish(group_norm(name="norm_out", **kw)(h))
+        h = nn.swish(group_norm(name="norm_out", param_dtype=self.param_dtype)(h))
         return conv(c.z_channels, 1, name="conv_out", **kw)(h)
 
 
@@ -134,10 +139,12 @@ def depth_to_space(x: jax.Array, block: int = 2) -> jax.Array:
 class Upsampler(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, x):
-        x = conv(4 * x.shape[-1], 3, name="conv1", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        x = conv(4 * x.shape[-1], 3, name="conv1", dtype=self.dtype, param_dtype=self.param_dtype,
+                 precision=self.precision)(x)
         return depth_to_space(x, 2)
 
 
@@ -148,18 +155,21 @@ class AdaptiveGroupNorm(nn.Module):
     """
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, x, style):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         c = x.shape[-1]
         b, sh, sw, sc = style.shape
         flat = style.reshape(b, sh * sw, sc).astype(jnp.float32)
         std = jnp.sqrt(jnp.var(flat, axis=1, ddof=1) + 1e-6)
         mean = jnp.mean(flat, axis=1)
+        # PyTorch's default kernel init (the reference tokenizer is never re-initialised)
+        kw["kernel_init"] = torch_linear_init()
         scale = dense(c, ("latent", "conv_out"), name="gamma", **kw)(std)
         bias = dense(c, ("latent", "conv_out"), name="beta", **kw)(mean)
-        h = group_norm(use_affine=False, name="gn", **kw)(x)
+        h = group_norm(use_affine=False, name="gn", param_dtype=self.param_dtype)(x)
         return scale[:, None, None, :] * h + bias[:, None, None, :]
 
 
@@ -170,10 +180,11 @@ class UpLevel(nn.Module):
     upsample: bool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         for i in range(self.num_blocks):
             x = ResBlock(self.out_channels, name=f"block_{i}", **kw)(x)
         if self.upsample:
@@ -186,10 +197,12 @@ class Decoder(nn.Module):
     config: TokenizerConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, z, noise=None):
-        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         style = z
         if c.gan_decoder:
             if noise is None:
@@ -202,7 +215,7 @@ class Decoder(nn.Module):
             h = AdaptiveGroupNorm(name=f"adaptive_{level}", **kw)(h, style)
             h = UpLevel(c.ch * c.ch_mult[level], c.num_res_blocks, level > 0,
                         name=f"up_{level}", **kw)(h)
-        h = nn.swish(group_norm(name="norm_out", **kw)(h))
+        h = nn.swish(group_norm(name="norm_out", param_dtype=self.param_dtype)(h))
         return conv(c.out_ch, 3, name="conv_out", **kw)(h)
 
 
@@ -251,7 +264,8 @@ jax.tree_util.register_dataclass(
 
 def quantizer_losses(h: jax.Array, num_codebooks: int, *, temperature: float = 0.01,
                      sample_minimization_weight: float = 1.0,
-                     batch_maximization_weight: float = 1.0) -> QuantizerLosses:
+                     batch_maximization_weight: float = 1.0,
+                     precision: PrecisionLike = None) -> QuantizerLosses:
     """Entropy and commitment losses of the quantizer on pre-quantization ``h`` [..., C].
 
     Per group, logits over the 2^d codes are 2<x, code>; the codebook entropy averages
@@ -262,7 +276,7 @@ def quantizer_losses(h: jax.Array, num_codebooks: int, *, temperature: float = 0
     *lead, c = h.shape
     d = c // num_codebooks
     x = h.astype(jnp.float32).reshape(-1, num_codebooks, d)
-    logits = 2.0 * jnp.einsum("ngd,kd->ngk", x, codebook(d), precision=jax.lax.Precision.HIGHEST)
+    logits = 2.0 * jnp.einsum("ngd,kd->ngk", x, codebook(d), precision=lax_precision(precision))
     logits = logits / temperature
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     probs = jnp.exp(log_probs)
@@ -285,9 +299,10 @@ class BinaryAutoencoder(nn.Module):
     config: TokenizerConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
 
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         self.encoder = Encoder(self.config, **kw)
         self.decoder = Decoder(self.config, **kw)
 

@@ -355,8 +355,9 @@ def test_every_config_loads(name, tmp_path):
     assert config.kind in KINDS
     if name.startswith("imagenet_bitdance.py:"):
         from bitdance_jax.c2i.config import BitDanceConfig, released_name
+        from bitdance_jax.train.tasks.c2i import architecture_fields
         size, par = name.split(":")[1].split(",")
-        arch = BitDanceConfig(**config.model.to_dict(), latent_dim=32, grid_size=16)
+        arch = BitDanceConfig(**architecture_fields(config.model), latent_dim=32, grid_size=16)
         assert released_name(arch) == f"BitDance-{size}-{par}x"  # the released model
         assert config.global_batch_size == 1024 and config.epochs == 800
         assert config.loss.bit_flip_rate == (0.1 if size == "B" else 0.05)

@@ -12,7 +12,7 @@ import numpy as np
 from bitdance_jax.data import latent_cache
 from bitdance_jax.data.sources import make_source
 from bitdance_jax import images as image_lib
-from bitdance_jax.nn.layers import DTYPES
+from bitdance_jax.nn.precision import compute_dtype, lax_precision
 from bitdance_jax.c2i.config import BitDanceConfig
 from bitdance_jax.c2i.loss import bitdance_loss
 from bitdance_jax.c2i.model import from_unscanned, init_params
@@ -23,13 +23,23 @@ from bitdance_jax.train.tasks.base import Task
 log = logging.getLogger(__name__)
 
 
+# ``config.model`` fields that choose numerics, not the architecture (not in BitDanceConfig).
+NUMERICS_FIELDS = ("precision", "matmul_precision", "attention")
+
+
+def architecture_fields(model_config) -> dict:
+    """``config.model`` without its numerics fields: BitDanceConfig keyword arguments."""
+    return {k: v for k, v in model_config.to_dict().items() if k not in NUMERICS_FIELDS}
+
+
 def model_config_from(config, tokenizer) -> BitDanceConfig:
     """``config.model`` plus the sizes the tokenizer and the image size fix."""
     f = tokenizer.downsample_factor
     if config.data.image_size % f:
         raise ValueError(f"image_size {config.data.image_size} is not a multiple of the "
                          f"tokenizer's downsampling factor {f}")
-    return BitDanceConfig(**config.model.to_dict(), latent_dim=tokenizer.config.z_channels,
+    return BitDanceConfig(**architecture_fields(config.model),
+                          latent_dim=tokenizer.config.z_channels,
                           grid_size=config.data.image_size // f)
 
 
@@ -43,7 +53,10 @@ class BitDanceTask(Task):
         super().__init__(config, workdir)
         self.tokenizer = load_tokenizer(config.tokenizer_dir)
         self.model_config = model_config_from(config, self.tokenizer)
-        self.dtype = DTYPES[config.compute_dtype]
+        m = config.model
+        self.dtype = compute_dtype(m.precision)
+        lax_precision(m.matmul_precision)  # validates
+        self.numerics = dict(precision=m.matmul_precision, attention_impl=m.attention)
         self.tokens_per_example = self.model_config.num_tokens
         self.from_images = not (config.data.source == "latent_cache" or config.data.cache_latents)
 
@@ -88,7 +101,7 @@ class BitDanceTask(Task):
         lc = self.config.loss
         loss = bitdance_loss(params, latents, batch["label"], rng, config=self.model_config,
                              bit_flip_rate=lc.bit_flip_rate, label_drop=lc.label_drop,
-                             dtype=self.dtype)
+                             dtype=self.dtype, **self.numerics)
         return loss, {}
 
     def params_from_checkpoint(self, meta, params):
@@ -112,7 +125,7 @@ class BitDanceTask(Task):
         s = self.config.sample
         params = jax.device_get({"model": ema_params["model"], "head": ema_params["head"]})
         mesh = make_mesh(devices=jax.local_devices())  # process 0 samples on its own devices
-        latents = Sampler(self.model_config, dtype=self.dtype, mesh=mesh).sample(
+        latents = Sampler(self.model_config, dtype=self.dtype, mesh=mesh, **self.numerics).sample(
             params, class_ids, seed=seed, cfg_scale=s.cfg_scale, num_sampling_steps=s.num_steps)
         return image_lib.to_uint8(self.tokenizer.decode(latents))
 
