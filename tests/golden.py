@@ -7,6 +7,10 @@ from functools import lru_cache
 
 import numpy as np
 
+# Models compared with the fixtures run full float32 matmuls on every backend (JAX's default
+# may be one bf16 pass on TPU or TF32 on GPU).
+MATMUL_PRECISION = "highest"
+
 GOLDEN_DIR = os.environ.get(
     "BITDANCE_GOLDEN",
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "golden"))

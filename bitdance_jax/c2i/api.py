@@ -147,7 +147,8 @@ def load_model(path: str, dtype=None, mesh=None, precision: PrecisionLike = None
     _, params = param_dir.load_param_dir(path, KIND)
     config = BitDanceConfig.from_dict(meta["config"])
     # the decoder stays in float32 whatever the transformer's compute dtype
-    tokenizer = Tokenizer(TokenizerConfig(**meta["tokenizer"]), params["tokenizer"])
+    tokenizer = Tokenizer(TokenizerConfig(**meta["tokenizer"]), params["tokenizer"],
+                          precision=precision)
     return BitDanceModel(config, params, tokenizer, default_cfg_scale=stored_cfg_scale(meta, config),
                          dtype=dtype, mesh=mesh, precision=precision,
                          attention_impl=attention_impl)

@@ -86,7 +86,7 @@ class T2IPipeline:
         self.head = DiffusionNet(config.head, attention_impl=attention_impl, **kw)
         self.projector = Projector(config.llm.hidden_size, **kw)
         self._decode = jax.jit(functools.partial(
-            BinaryAutoencoder(config.tokenizer).apply, method="decode"))
+            BinaryAutoencoder(config.tokenizer, precision=precision).apply, method="decode"))
         self.pos_table = position_table(config.llm.hidden_size, config.vae_patch_size)
 
     # -- pieces usable on their own (and checked against the reference one by one)

@@ -9,6 +9,7 @@ import numpy as np
 
 from bitdance_jax import hub
 from bitdance_jax.checkpointing import param_dir
+from bitdance_jax.nn.precision import PrecisionLike
 from bitdance_jax.porting.convention import abstract_params
 from bitdance_jax.tokenizer.model import (BinaryAutoencoder, TokenizerConfig, bits_to_indices,
                                           quantize_signs)
@@ -27,13 +28,15 @@ def abstract_tokenizer_params(config: TokenizerConfig, param_dtype=jnp.float32):
 
 
 class Tokenizer:
-    """A loaded binary tokenizer. Images are float NHWC in [-1, 1]."""
+    """A loaded binary tokenizer. Images are float NHWC in [-1, 1]. ``dtype``/``precision``:
+    the numerics policy (``nn.precision``; float32 by default)."""
 
-    def __init__(self, config: TokenizerConfig, params, dtype=jnp.float32, chunk_size: int = 16):
+    def __init__(self, config: TokenizerConfig, params, dtype=jnp.float32, chunk_size: int = 16,
+                 precision: PrecisionLike = None):
         self.config = config
         self.params = params
         self.chunk_size = chunk_size
-        self.model = BinaryAutoencoder(config, dtype=dtype)
+        self.model = BinaryAutoencoder(config, dtype=dtype, precision=precision)
         self._encode_pre = jax.jit(functools.partial(self.model.apply, method="encode_pre"))
         self._decode = jax.jit(functools.partial(self.model.apply, method="decode"))
 
@@ -97,7 +100,7 @@ def save_tokenizer(dst: str, config: TokenizerConfig, params, *, source: str | N
                                      extra=extra)
 
 
-def load_tokenizer(path: str, dtype=jnp.float32) -> Tokenizer:
+def load_tokenizer(path: str, dtype=jnp.float32, precision: PrecisionLike = None) -> Tokenizer:
     """Load a ported (or trained) tokenizer directory, or a Hub id ``hf:owner/name``."""
     path = hub.resolve(path)
     meta = param_dir.read_meta(path)
@@ -110,4 +113,4 @@ def load_tokenizer(path: str, dtype=jnp.float32) -> Tokenizer:
         params = all_params["tokenizer"]
     else:
         raise param_dir.CheckpointError(f"{path} holds no tokenizer (kind '{meta.get('kind')}')")
-    return Tokenizer(TokenizerConfig(**cfg_dict), params, dtype=dtype)
+    return Tokenizer(TokenizerConfig(**cfg_dict), params, dtype=dtype, precision=precision)

@@ -19,6 +19,7 @@ from bitdance_jax.tokenizer.model import TokenizerConfig
 from bitdance_jax.tokenizer.api import Tokenizer
 from bitdance_jax.porting.tokenizer import port_tokenizer_state_dict
 
+HIGHEST = golden.MATMUL_PRECISION
 AR_CASES = ["ar_parallel", "ar_parallel_standard", "ar_1x"]
 SCHEDULE = ("parallel_mode", "diff_batch_mul", "time_shift", "P_mean", "P_std")
 
@@ -34,7 +35,8 @@ def load_case(case_name):
     assert infer_config(sd, **overrides) == config
     tok_config = TokenizerConfig.from_ddconfig(conf["vae_ddconfig"],
                                                num_codebooks=conf["vae_num_codebooks"])
-    tokenizer = Tokenizer(tok_config, port_tokenizer_state_dict(sd, tok_config, prefix="vae."))
+    tokenizer = Tokenizer(tok_config, port_tokenizer_state_dict(sd, tok_config, prefix="vae."),
+                          precision=HIGHEST)
     return config, port_model_state_dict(sd, config), tokenizer
 
 
@@ -45,12 +47,12 @@ def test_forward_and_loss(case_name):
     latents = golden.nchw_to_nhwc(a["latents"])
     tokens = patching.patchify(latents, config.token_patch)
     golden.check(case_name, "target_tokens", tokens)
-    backbone = BitDanceBackbone(config)
+    backbone = BitDanceBackbone(config, precision=HIGHEST)
     variables = {"params": params["model"]}
     golden.check(case_name, "layer0_in",
                  backbone.apply(variables, tokens, a["class_ids"], method="embed_sequence"))
     golden.check(case_name, "hidden", backbone.apply(variables, tokens, a["class_ids"]))
-    loss = jax.jit(functools.partial(bitdance_loss, config=config))(
+    loss = jax.jit(functools.partial(bitdance_loss, config=config, precision=HIGHEST))(
         params, latents, a["class_ids"], t_raw=a["loss_t_raw"], noise=a["loss_e"])
     golden.check(case_name, "loss", loss)
 
@@ -99,7 +101,8 @@ def test_sampling_runs(case_name):
         if key not in compiled:
             compiled[key] = jax.jit(lambda params, ids, cfg, table, guided=guided, steps=head_steps:
                                     generate(config, params, ids, cfg, lambda i: table[i],
-                                             num_sampling_steps=steps, guided=guided, record=True))
+                                             num_sampling_steps=steps, guided=guided,
+                                             precision=HIGHEST, record=True))
         tokens, (conds, preds) = compiled[key](params, class_ids, np.float32(cfg_scale), table)
         squeeze = (lambda x: x[:, :, 0]) if config.parallel_num == 1 else (lambda x: x)
         if f"{prefix}head_cond" in a:

@@ -46,6 +46,7 @@ def load_head(case_name):
     return config, port_head_state_dict(sd, config, prefix), sd, prefix
 
 
+HIGHEST = golden.MATMUL_PRECISION
 HEAD_CASES = ["head_imagenet_parallel", "head_imagenet_1x", "head_t2i", "head_t2i_alt"]
 
 
@@ -57,7 +58,7 @@ def head(request):
 def test_net_and_loss(head):
     name, config, params, _, _ = head
     a = golden.arrays(name)
-    net = DiffusionNet(config)
+    net = DiffusionNet(config, precision=HIGHEST)
     net_fn = jax.jit(lambda z, t, c: net.apply({"params": params}, z, t, c))
     golden.check(name, "net_out", net_fn(a["x"], a["t"], a["c"]))
     if "x_long" in a:

@@ -11,9 +11,11 @@ from bitdance_jax.porting import convention as porting
 from bitdance_jax.nn.diffusion_head import DiffusionNet, HeadConfig, port_head_state_dict
 from bitdance_jax.nn.flow import euler_maruyama, sampling_times, shift_time
 
+HIGHEST = golden.MATMUL_PRECISION
+
 
 def _net_fn(config, params):
-    net = DiffusionNet(config)
+    net = DiffusionNet(config, precision=HIGHEST)
     return lambda z, t, c: net.apply({"params": params}, z, t, c)
 
 

@@ -24,13 +24,16 @@ from bitdance_jax.t2i import prompts as t2i_prompts
 from bitdance_jax.t2i import qwen3
 
 
+GOLDEN_NUMERICS = dict(dtype="float32", precision=golden.MATMUL_PRECISION)
+
+
 def _model_dir():
     return golden.path(golden.case("t2i_gen")["config"]["model_dir"])
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return t2i.load_t2i(_model_dir())
+    return t2i.load_t2i(_model_dir(), **GOLDEN_NUMERICS)
 
 
 def _user_prompt(cfg):
@@ -113,7 +116,7 @@ def test_every_llm_call_with_kv_cache(pipe, run_index):
     cfg = golden.case("t2i_gen")["config"]
     run = cfg["runs"][run_index]
     a = golden.arrays("t2i_gen")
-    model = qwen3.Qwen3ForCausalLM(pipe.config.llm)
+    model = qwen3.Qwen3ForCausalLM(pipe.config.llm, precision=golden.MATMUL_PRECISION)
     params = {"params": pipe.params["llm"]}
     plan = _llm_call_plan(run)
     total = {s: sum(a[f"{run['prefix']}llm{i:02d}_inputs_embeds"].shape[1]
@@ -204,7 +207,7 @@ def test_port_then_load_matches_golden(tmp_path):
     assert meta["kind"] == t2i_config.KIND
     from bitdance_jax.tokenizer.api import load_tokenizer
     assert load_tokenizer(dst).config == t2i_config.T2IConfig.from_dict(meta["config"]).tokenizer
-    ported = t2i.load_t2i(dst)
+    ported = t2i.load_t2i(dst, **GOLDEN_NUMERICS)
     a = golden.arrays("t2i_parts")
     golden.check("t2i_parts", "projector_out", ported.project(a["projector_in"]))
     _check_run(ported, golden.case("t2i_gen")["config"]["runs"][0])
@@ -332,7 +335,7 @@ def test_sharded_sampling_equals_unsharded(pipe):
     cfg = golden.case("t2i_gen")["config"]
     run = max(cfg["runs"], key=lambda r: (r["guidance_scale"] > 1, r["num_images"]))
     mesh = make_mesh((1, 2, 4), devices=jax.devices()[:8])
-    sharded = t2i.load_t2i(_model_dir(), mesh=mesh)
+    sharded = t2i.load_t2i(_model_dir(), mesh=mesh, **GOLDEN_NUMERICS)
     q_proj = sharded.params["llm"]["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert q_proj.sharding.shard_shape(q_proj.shape) == (q_proj.shape[0] // 2, q_proj.shape[1] // 4)
     kwargs = dict(num_sampling_steps=cfg["num_sampling_steps"], guidance_scale=run["guidance_scale"],

@@ -18,7 +18,8 @@ def _tokenizer_from(state_dict, case_name):
     config = TokenizerConfig.from_ddconfig(cfg["ddconfig"], num_codebooks=cfg["num_codebooks"],
                                            gan_decoder=cfg.get("gan_decoder", False))
     assert infer_tokenizer_config(state_dict, num_codebooks=cfg["num_codebooks"]) == config
-    return Tokenizer(config, port_tokenizer_state_dict(state_dict, config))
+    return Tokenizer(config, port_tokenizer_state_dict(state_dict, config),
+                     precision=golden.MATMUL_PRECISION)
 
 
 @pytest.fixture(scope="module", params=["pt", "safetensors"])
@@ -47,7 +48,7 @@ def test_quantizer_training_losses(which):
     a = golden.arrays("tokenizer")
     num_codebooks = golden.case("tokenizer")["config"]["num_codebooks"]
     x = golden.nchw_to_nhwc(a[f"gfq_train_in_{which}"])
-    losses = quantizer_losses(jnp.asarray(x), num_codebooks)
+    losses = quantizer_losses(jnp.asarray(x), num_codebooks, precision=golden.MATMUL_PRECISION)
     golden.check("tokenizer", f"train_{which}_per_sample_entropy", losses.per_sample_entropy)
     golden.check("tokenizer", f"train_{which}_codebook_entropy", losses.codebook_entropy)
     golden.check("tokenizer", f"train_{which}_entropy_aux_loss", losses.entropy_aux_loss)
