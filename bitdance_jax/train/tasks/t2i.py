@@ -13,7 +13,6 @@ buckets have different image shapes, since the step is compiled once).
 from __future__ import annotations
 
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from bitdance_jax.data import captions, latent_cache, packing
 from bitdance_jax.data.word_tokenizer import build_word_tokenizer
 from bitdance_jax.nn import patching
 from bitdance_jax.nn.layers import DTYPES
+from bitdance_jax.parallel import distributed
 from bitdance_jax.t2i import qwen3
 from bitdance_jax.t2i.config import KIND, T2IConfig
 from bitdance_jax.t2i.loss import PackedT2IModel
@@ -99,11 +99,15 @@ class T2ITask(Task):
             raise ValueError("config.text_tokenizer is empty and there is no workdir to build "
                              "a word-level tokenizer in")
         path = os.path.join(self.workdir, "text_tokenizer", TEXT_TOKENIZER_FILE)
-        if not os.path.isfile(path):
-            build_word_tokenizer(
-                path, self.captions + list(self.config.sample.prompts),
-                max_latent_side=max(max(g) for g in self.grids),
-                parallel_num=int(self.config.head.parallel_num))
+
+        def build():  # process 0 writes it once; the others wait, then read it
+            if not os.path.isfile(path):
+                build_word_tokenizer(
+                    path, self.captions + list(self.config.sample.prompts),
+                    max_latent_side=max(max(g) for g in self.grids),
+                    parallel_num=int(self.config.head.parallel_num))
+
+        distributed.run_once("t2i_text_tokenizer", build)
         return path
 
     def _row_spec(self) -> packing.RowSpec:
@@ -236,10 +240,9 @@ class T2ITask(Task):
         params = jax.device_get({"llm": ema_params["llm"], "head": ema_params["head"],
                                  "projector": ema_params["projector"],
                                  "tokenizer": self.tokenizer.params})
-        param_dir.save_param_dir(dst, KIND, self.model_config.to_dict(), params,
-                                  overwrite=True,
-                                  extra={"tokenizer": self.tokenizer.config.to_dict(),
-                                         "source": "bitdance_jax.train"})
-        if jax.process_index() == 0:
-            shutil.copyfile(self.text_tokenizer_path, os.path.join(dst, TEXT_TOKENIZER_FILE))
-        return dst
+        # Every process (the Orbax save is a collective); the tokenizer file is copied once,
+        # into the directory before it is renamed into place.
+        return param_dir.save_param_dir(
+            dst, KIND, self.model_config.to_dict(), params, overwrite=True,
+            extra={"tokenizer": self.tokenizer.config.to_dict(), "source": "bitdance_jax.train"},
+            extra_files={TEXT_TOKENIZER_FILE: self.text_tokenizer_path})
