@@ -142,7 +142,8 @@ class Sampler:
     def __init__(self, config: BitDanceConfig, dtype: Dtype = jnp.float32, mesh=None):
         self.config = config
         self.dtype = dtype
-        self.mesh = mesh if mesh is not None else sharding.make_mesh()
+        # default: this process's devices (several processes each sample their own batch)
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.local_devices())
         self._placed = (None, None)
 
     @property
