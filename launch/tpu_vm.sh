@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create a Cloud TPU VM slice, install bitdance-jax on every worker, and run the same
-# training command on all of them (multi-host: jax.distributed.initialize() is called
-# automatically when TPU_WORKER_HOSTNAMES lists several workers).
+# training command on all of them with --multihost=yes (every worker calls
+# jax.distributed.initialize(), which reads the workers from the TPU VM's metadata).
 #
 #   launch/tpu_vm.sh create                      # make the slice (once)
 #   launch/tpu_vm.sh setup                       # copy this checkout + pip install (once)
@@ -43,7 +43,7 @@ case "${1:-}" in
     shift
     config=$1; workdir=$2; shift 2
     ssh_all "cd $REMOTE_DIR && nohup python3 -m bitdance_jax.train --config $config \
-             --workdir $workdir --multihost=auto $* > train.log 2>&1 &"
+             --workdir $workdir --multihost=yes $* > train.log 2>&1 &"
     echo "started on every worker; follow with:"
     echo "  gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=0 --command='tail -f $REMOTE_DIR/train.log'"
     ;;

@@ -7,7 +7,14 @@ The ``--npz`` path writes uint8 NHWC ``arr_0`` (the ADM evaluation suite's forma
 in chunks of ``--batch-size`` images saved under ``<npz>.parts/``; a rerun with the same
 settings skips the chunks already there. Sample g has class g // (N / num_classes) (balanced,
 in order, as the reference's FID script; classes cycle when N < num_classes) and its noise
-depends only on (seed, g), so the result does not depend on chunking or device count.
+depends only on (seed, g), so the result does not depend on chunking, device count or process
+count. The .npz is written byte-reproducibly (fixed zip timestamps).
+
+Several processes (``--coordinator/--num-processes/--process-id``, or a SLURM / Open MPI /
+TPU VM launch, as for the trainer) split every chunk: each samples its share on its own
+devices, the shares are gathered, and process 0 writes the chunk, the manifest and the .npz.
+    python tools/launch_local.py -n 2 --devices-per-process 2 -- \
+        python -m bitdance_jax.sample --ckpt DIR --num-samples 1000 --npz samples.npz
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import zipfile
 
 import numpy as np
 
@@ -23,8 +31,10 @@ from bitdance_jax import images as image_lib
 from bitdance_jax.hub import HubError
 from bitdance_jax.c2i.api import DEFAULT_SAMPLING_STEPS, load_model
 from bitdance_jax.nn.precision import DTYPES, MATMUL_PRECISIONS
+from bitdance_jax.parallel import distributed
 
 PARTS_MANIFEST = "run.json"
+FINISH_TIMEOUT_S = 3600.0  # how long the other processes wait for process 0 to write the .npz
 
 
 def parse_class_ids(text: str) -> list[int]:
@@ -42,12 +52,38 @@ def fid_class_labels(num_samples: int, num_classes: int) -> np.ndarray:
     return np.where(balanced < num_classes, balanced, g % num_classes).astype(np.int32)
 
 
+def save_npz(path: str, arr: np.ndarray) -> None:
+    """``np.savez(path, arr_0=arr)`` with a fixed zip timestamp: the same array, the same bytes."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        info = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        with zf.open(info, "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+
+
+def _broadcast_from_main(values: np.ndarray) -> np.ndarray:
+    """Process 0's ``values`` on every process (a collective)."""
+    if distributed.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.broadcast_one_to_all(values))
+
+
+def _gather(images: np.ndarray) -> np.ndarray:
+    """Every process's images, in process order (a collective)."""
+    if distributed.process_count() == 1:
+        return images
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(images, tiled=True))
+
+
 def sample_npz(model, out: str, num_samples: int, *, seed: int, cfg_scale: float, steps: int,
                batch_size: int, class_ids: list[int] | None = None, max_chunks: int | None = None,
                progress: bool = True) -> str | None:
     """Sample ``num_samples`` images into ``out`` (.npz, arr_0 uint8 NHWC), resumably.
 
-    Returns the path, or None when ``max_chunks`` stopped the run before the end."""
+    Multi-process: every process calls it with the same arguments; each samples its share of
+    every chunk (on its own devices), and process 0 writes the files. Returns the path, or
+    None when ``max_chunks`` stopped the run before the end."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError("--num-samples and --batch-size must be >= 1")
     labels = (np.resize(np.asarray(class_ids, np.int32), num_samples) if class_ids
@@ -57,42 +93,56 @@ def sample_npz(model, out: str, num_samples: int, *, seed: int, cfg_scale: float
            "batch_size": batch_size, "labels_sum": int(labels.astype(np.int64).sum()),
            "config": model.config.to_dict()}
     manifest = os.path.join(parts, PARTS_MANIFEST)
-    if os.path.isdir(parts) and os.path.exists(manifest):
-        with open(manifest) as f:
-            if json.load(f) != run:
-                raise ValueError(f"{parts} holds chunks of a run with other settings; remove it "
-                                 "or sample to another file")
-    os.makedirs(parts, exist_ok=True)
-    with open(manifest, "w") as f:
-        json.dump(run, f)
     num_chunks = -(-num_samples // batch_size)
     chunk_path = lambda k: os.path.join(parts, f"chunk_{k:06d}.npy")
-    todo = [k for k in range(num_chunks) if not os.path.exists(chunk_path(k))]
+
+    def prepare():  # process 0: the manifest, written once (others learn of its errors)
+        if os.path.isdir(parts) and os.path.exists(manifest):
+            with open(manifest) as f:
+                if json.load(f) != run:
+                    raise ValueError(f"{parts} holds chunks of a run with other settings; "
+                                     "remove it or sample to another file")
+        os.makedirs(parts, exist_ok=True)
+        with open(manifest, "w") as f:
+            json.dump(run, f)
+
+    distributed.run_once("sample_npz.prepare", prepare)
+    main, me, n = distributed.is_main(), distributed.process_index(), distributed.process_count()
+    # What is left to do, as process 0 sees it (the parts may live on its disk only).
+    done_mask = np.array([main and os.path.exists(chunk_path(k)) for k in range(num_chunks)])
+    todo = [k for k, done in enumerate(_broadcast_from_main(done_mask)) if not done]
     from tqdm import tqdm
     bar = tqdm(total=num_samples, initial=num_samples - sum(
         min(batch_size, num_samples - k * batch_size) for k in todo),
-        unit="img", desc="sampling", disable=not progress)
+        unit="img", desc="sampling", disable=not progress or not main)
+    share = -(-batch_size // n)  # this process's samples of each chunk (the last may be padding)
     for done, k in enumerate(todo):
         if max_chunks is not None and done >= max_chunks:
             bar.close()
+            distributed.barrier("sample_npz.stopped")
             return None
         # a short last chunk is padded to the batch size: one compiled program for all
-        idx = np.arange(k * batch_size, (k + 1) * batch_size)
+        idx = k * batch_size + me * share + np.arange(share)
         count = min(batch_size, num_samples - k * batch_size)
         imgs = model.sample(labels[np.minimum(idx, num_samples - 1)], seed=seed,
-                            cfg_scale=cfg_scale, num_sampling_steps=steps,
-                            sample_indices=idx)[:count]
-        tmp = chunk_path(k) + ".tmp.npy"
-        np.save(tmp, imgs)
-        os.replace(tmp, chunk_path(k))
+                            cfg_scale=cfg_scale, num_sampling_steps=steps, sample_indices=idx)
+        imgs = _gather(imgs)[:count]
+        if main:
+            tmp = chunk_path(k) + ".tmp.npy"
+            np.save(tmp, imgs)
+            os.replace(tmp, chunk_path(k))
         bar.update(count)
     bar.close()
-    arr = np.concatenate([np.load(chunk_path(k)) for k in range(num_chunks)])
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp.npz"
-    np.savez(tmp, arr_0=arr)
-    os.replace(tmp, out)
-    shutil.rmtree(parts)
+
+    def finish():  # process 0 (it may take long: the others wait without a collective)
+        arr = np.concatenate([np.load(chunk_path(k)) for k in range(num_chunks)])
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        tmp = out + ".tmp.npz"
+        save_npz(tmp, arr)
+        os.replace(tmp, out)
+        shutil.rmtree(parts)
+
+    distributed.run_once("sample_npz.finish", finish, timeout_s=FINISH_TIMEOUT_S)
     return out
 
 
@@ -118,8 +168,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64, help="samples per chunk (--npz)")
     ap.add_argument("--max-chunks", type=int, default=None,
                     help="stop after this many new chunks (resume later)")
+    distributed.add_arguments(ap)
     args = ap.parse_args(argv)
     try:
+        distributed.initialize_from(args)  # before any other JAX call
         if bool(args.out) == bool(args.npz):
             raise ValueError("give exactly one of --out (PNG grid) or --npz (with --num-samples)")
         class_ids = parse_class_ids(args.class_ids) if args.class_ids else None
@@ -128,10 +180,12 @@ def main(argv=None) -> int:
         if args.out:
             if not class_ids:
                 raise ValueError("--out needs --class-ids")
+            # (several processes: each samples the grid on its own devices, process 0 writes it)
             imgs = model.sample(class_ids, seed=args.seed, cfg_scale=cfg_scale,
                                 num_sampling_steps=args.steps)
-            image_lib.save_png(image_lib.make_grid(imgs, args.ncol), args.out)
-            print(f"wrote {args.out} ({len(imgs)} samples, cfg {cfg_scale})")
+            if distributed.is_main():
+                image_lib.save_png(image_lib.make_grid(imgs, args.ncol), args.out)
+                print(f"wrote {args.out} ({len(imgs)} samples, cfg {cfg_scale})")
         else:
             if not args.num_samples:
                 raise ValueError("--npz needs --num-samples")
@@ -140,9 +194,10 @@ def main(argv=None) -> int:
             path = sample_npz(model, args.npz, args.num_samples, seed=args.seed,
                               cfg_scale=cfg_scale, steps=args.steps, batch_size=args.batch_size,
                               class_ids=class_ids, max_chunks=args.max_chunks)
-            print(f"wrote {path}" if path else f"stopped after {args.max_chunks} chunk(s); "
-                  "rerun to resume")
-    except (ValueError, OSError, HubError) as e:
+            if distributed.is_main():
+                print(f"wrote {path}" if path else f"stopped after {args.max_chunks} "
+                      "chunk(s); rerun to resume")
+    except (ValueError, OSError, HubError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -155,7 +155,8 @@ class Sampler:
         self.dtype = resolve_dtype(dtype)
         self.precision = precision
         self.attention_impl = attention_impl
-        self.mesh = mesh if mesh is not None else sharding.make_mesh()
+        # default: this process's devices (several processes each sample their own batch)
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.local_devices())
         self._placed = (None, None)
 
     @property

@@ -2,12 +2,15 @@
 ``<dir>/params`` (an Orbax checkpoint of the param tree).
 
 Written to a temporary sibling and renamed at the end, so an interrupted write never
-leaves a directory that looks complete.
+leaves a directory that looks complete. In a multi-process job every process calls
+``save_param_dir`` (the Orbax save is a collective) and ``load_param_dir``; process 0 alone
+writes the metadata and renames.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -26,17 +29,27 @@ class CheckpointError(ValueError):
 
 
 def save_param_dir(dst: str, kind: str, config: dict[str, Any], params, *,
-                   overwrite: bool = False, extra: dict[str, Any] | None = None) -> str:
+                   overwrite: bool = False, extra: dict[str, Any] | None = None,
+                   extra_files: dict[str, str] | None = None) -> str:
+    """Write ``params`` (host arrays, the same on every process) and their description.
+    ``extra_files``: {name in the directory: file to copy there}.
+
+    Multi-process: every process must call it with the same arguments (the Orbax save syncs
+    all processes); it returns on each once the directory is in place."""
     dst = os.path.abspath(dst)
     if os.path.exists(dst) and os.listdir(dst) and not overwrite:
         raise CheckpointError(f"{dst} exists and is not empty (refusing to overwrite)")
     params = jax.tree.map(np.asarray, params)
-    with atomic_write(dst, directory=True) as tmp:
+    with atomic_write(dst, directory=True, all_processes=True) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
-        meta = {"format_version": FORMAT_VERSION, "kind": kind, "config": config, **(extra or {})}
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
+        if jax.process_index() == 0:
+            meta = {"format_version": FORMAT_VERSION, "kind": kind, "config": config,
+                    **(extra or {})}
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                json.dump(meta, f, indent=2, sort_keys=True)
+            for name, src in (extra_files or {}).items():
+                shutil.copyfile(src, os.path.join(tmp, name))
     return dst
 
 

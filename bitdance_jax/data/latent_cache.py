@@ -3,17 +3,18 @@
 A cache is a directory of ``.npy`` arrays (int8 {-1, +1} latents plus per-record extras such as
 labels) and ``latent_cache.json``, the description it was built for (records, image sizes,
 crops, the tokenizer's config). The class-conditional cache keeps several crops (and their
-mirrors) of every image so that training still sees a different crop each epoch. Process 0 encodes; it writes under a temporary name and renames, so a
-cache that exists is complete. Every process then waits at a barrier and opens it read-only. A
-cache built for another description is an error, never silently reused.
+mirrors) of every image so that training still sees a different crop each epoch. Process 0
+encodes; it writes under a temporary name and renames, so a cache that exists is complete. The
+other processes wait for it (``distributed.run_once``), then every process opens it read-only.
+A cache built for another description is an error, never silently reused.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Callable, Iterable
 
-import jax
 import numpy as np
 
 from bitdance_jax.checkpointing.atomic import atomic_write
@@ -21,6 +22,7 @@ from bitdance_jax.data.augment import center_crop, random_crop
 from bitdance_jax.parallel import distributed
 
 META_FILE = "latent_cache.json"
+CACHE_TIMEOUT_S = 24 * 3600.0  # how long the other processes wait for process 0 to encode
 
 EncodeChunk = Callable[[np.ndarray], dict[str, np.ndarray]]
 
@@ -31,14 +33,20 @@ def build(cache_dir: str, meta: dict, num_records: int, chunks: Iterable[np.ndar
 
     ``chunks``: arrays of record indices that together cover every record once;
     ``encode_chunk(indices)`` returns ``{name: array [len(indices), ...]}`` (``latents`` in
-    {-1, +1}, 0 marking padding, stored as int8 signs). Every process must call this (it ends at a barrier).
+    {-1, +1}, 0 marking padding, stored as int8 signs). Every process must call this
+    (process 0 builds, the others wait for it).
     Returns ``{name: array}``, latents memory-mapped.
     """
     meta = json.loads(json.dumps(meta))  # the form it takes on disk (tuples become lists)
     meta_path = os.path.join(cache_dir, META_FILE)
-    if not os.path.isfile(meta_path) and jax.process_index() == 0:
-        _write(cache_dir, meta, num_records, chunks, encode_chunk)
-    distributed.barrier(f"latent_cache:{os.path.abspath(cache_dir)}")
+
+    def write_if_absent():  # on process 0 only: encode_chunk must not call collectives
+        if not os.path.isfile(meta_path):
+            _write(cache_dir, meta, num_records, chunks, encode_chunk)
+
+    # The others wait (an error on process 0 reaches them at once, not as a timeout).
+    key = hashlib.sha1(os.path.abspath(cache_dir).encode()).hexdigest()[:16]
+    distributed.run_once(f"latent_cache:{key}", write_if_absent, timeout_s=CACHE_TIMEOUT_S)
     return open_cache(cache_dir, meta)
 
 

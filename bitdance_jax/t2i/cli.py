@@ -6,6 +6,11 @@
         --out-dir results/dpg --num-images 4 --guidance-scale 7.5 --height 1024 --width 1024
     python -m bitdance_jax.t2i --ckpt DIR --layout geneval --out-dir results/geneval \
         --prompts-file geneval/evaluation_metadata_long.jsonl --num-images 4 --guidance-scale 13
+
+Several processes (``--coordinator/--num-processes/--process-id``, or a SLURM / Open MPI /
+TPU VM launch) split a prompt set into contiguous shares, one per process; each loads the
+model and samples on its own devices (no collective). ``--prompt`` images are written by
+process 0.
 """
 from __future__ import annotations
 
@@ -20,10 +25,13 @@ from bitdance_jax import images as image_lib
 from bitdance_jax.checkpointing.param_dir import CheckpointError
 from bitdance_jax.hub import HubError
 from bitdance_jax.nn.precision import DTYPES, MATMUL_PRECISIONS, resolve_dtype
+from bitdance_jax.parallel import distributed
 from bitdance_jax.porting.convention import PortingError
 from bitdance_jax.t2i import evaluation
 from bitdance_jax.t2i.pipeline import load_t2i, to_pil
 from bitdance_jax.t2i.prompts import read_prompts_file
+
+DONE_TIMEOUT_S = 7 * 24 * 3600.0  # how long a process that is done waits for the others' shares
 
 
 def run_prompt_set(pipe, entries, args) -> list[str]:
@@ -79,9 +87,11 @@ def main(argv=None) -> int:
                         "computing in bf16, as the reference loads its LLM, else float32)")
     p.add_argument("--matmul-precision", choices=sorted(MATMUL_PRECISIONS), default="default",
                    help="precision of float32 matmuls")
+    distributed.add_arguments(p)
     args = p.parse_args(argv)
 
     try:
+        distributed.initialize_from(args)  # before any other JAX call
         if args.prompt is not None and not args.out:
             raise ValueError("--prompt needs --out")
         if args.prompts_file is not None and not args.out_dir:
@@ -103,7 +113,8 @@ def main(argv=None) -> int:
                                        num_images=args.num_images, seed=args.seed, progress=True)
             stem, ext = os.path.splitext(args.out)
             written = []
-            for j, im in enumerate(to_pil(pipe.decode_latents(bits, seed=args.seed))):
+            images = to_pil(pipe.decode_latents(bits, seed=args.seed))
+            for j, im in enumerate(images if distributed.is_main() else []):
                 path = args.out if args.num_images == 1 else f"{stem}_{j}{ext or '.png'}"
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 im.save(path)
@@ -112,4 +123,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({"images": len(written), "first": written[0] if written else None}))
+    # Process 0 may still be writing: no process leaves before every one is done.
+    distributed.barrier("t2i_cli_done", timeout_s=DONE_TIMEOUT_S)
     return 0

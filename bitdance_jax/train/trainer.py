@@ -21,7 +21,7 @@ from flax import linen as nn
 
 from bitdance_jax.checkpointing.param_dir import load_param_dir
 from bitdance_jax.data.pipeline import to_global_arrays
-from bitdance_jax.parallel import sharding
+from bitdance_jax.parallel import distributed, sharding
 from bitdance_jax.train import optimizer as optim
 from bitdance_jax.train.checkpoints import (make_checkpoint_manager, restore_checkpoint,
                                             save_checkpoint)
@@ -30,6 +30,9 @@ from bitdance_jax.train.step import jit_train_step
 from bitdance_jax.train.tasks import make_task
 
 log = logging.getLogger("bitdance_jax.train")
+
+# How long the other processes wait while process 0 draws a sample grid alone.
+SAMPLE_TIMEOUT_S = 3 * 3600.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -152,13 +155,20 @@ class Trainer:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the next step and exits."""
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step and exits.
+
+    Multi-process: no Python handler. jax.distributed's preemption service has its own
+    SIGTERM handler (a Python one would replace it); it makes every process agree on the step
+    at which all of them save and stop (``mngr.reached_preemption``), even when only one of
+    them was signalled."""
 
     def __init__(self):
         self.requested = False
         self._old = None
 
     def __enter__(self):
+        if jax.process_count() > 1 and _preemption_service_running():
+            return self
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
@@ -171,6 +181,11 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+
+
+def _preemption_service_running() -> bool:
+    from jax._src import distributed as jax_distributed
+    return jax_distributed.global_state.preemption_sync_manager is not None
 
 
 def num_train_steps(config, num_records: int, global_batch: int) -> int:
@@ -196,7 +211,7 @@ def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
     source = trainer.task.train_source()
     num_steps = num_train_steps(config, len(source), trainer.global_batch)
     trainer.build(num_steps)
-    if jax.process_index() == 0:
+    if distributed.is_main():  # a plain file, written once
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
@@ -267,9 +282,10 @@ def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
                 save_checkpoint(mngr, step, state, data_states[step], force=stopping)
                 if sampling and step < num_steps:
                     ema = host_params(state["ema"])  # a collective: every process takes part
-                    if jax.process_index() == 0:
+                    if distributed.is_main():  # on its local devices: no collective
                         trainer.task.sample_grid(ema, source, os.path.join(
                             workdir, "samples", f"step_{step:07d}.png"), config.seed)
+                    distributed.barrier("sample_grid", timeout_s=SAMPLE_TIMEOUT_S)
                 if stopping and step < num_steps:
                     mngr.wait_until_finished()
                     if preempted:
@@ -312,16 +328,19 @@ def host_params(tree):
 
 
 def _finish(trainer: Trainer, state, source, workdir: str, summary: dict) -> dict:
-    """Final sample grid and export of the EMA params (by process 0, on its local devices)."""
+    """Export of the EMA params by every process (gathering them and the Orbax save are
+    collectives), then the final sample grid (on process 0's local devices) and summary.json
+    by process 0 while the others wait for it."""
     summary["step"] = int(jax.device_get(state["step"]))
     ema = host_params(state["ema"])
     summary["export"] = os.path.join(workdir, "export")
-    if jax.process_index() == 0:
+    trainer.task.export(ema, summary["export"])
+    if distributed.is_main():
         summary["samples"] = trainer.task.sample_grid(
             ema, source, os.path.join(workdir, "samples", "final.png"), trainer.config.seed)
-        trainer.task.export(ema, summary["export"])
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=str)
+    distributed.barrier("final_samples", timeout_s=SAMPLE_TIMEOUT_S)
     return summary
 
 
@@ -341,7 +360,7 @@ def run_pipeline(config, workdir: str, *, mesh=None) -> dict:
                 stage.tokenizer_dir = os.path.join(workdir, stage.tokenizer_from_stage, "export")
         log.info("pipeline stage %s (%s) in %s", name, stage.kind, stage_dir)
         results[name] = train(stage, stage_dir, mesh=mesh)
-    if config.score_digits and jax.process_index() == 0:
+    if config.score_digits and distributed.is_main():  # numpy and scikit-learn only
         from bitdance_jax.evaluation.digits_score import score_samples
         samples = os.path.splitext(results[config.stages[-1]]["samples"])[0] + ".npz"
         with np.load(samples) as f:
@@ -350,6 +369,8 @@ def run_pipeline(config, workdir: str, *, mesh=None) -> dict:
             json.dump(results["score"], f, indent=2)
         log.info("digits score (share of samples classified as their class): %.3f",
                  results["score"]["score"])
+    if config.score_digits:
+        distributed.barrier("pipeline_score", timeout_s=SAMPLE_TIMEOUT_S)
     return results
 
 

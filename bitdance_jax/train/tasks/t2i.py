@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -124,17 +123,18 @@ class T2ITask(Task):
         path = os.path.join(self.workdir, "text_tokenizer", TEXT_TOKENIZER_FILE)
         sides = dict(max_latent_side=max(max(g) for g in self.grids),
                      parallel_num=int(self.config.head.parallel_num))
-        if self.config.init_from_llm:  # the LLM's tokenizer plus the vision tokens, kept
-            if not os.path.isfile(path) and jax.process_index() == 0:
-                extend_text_tokenizer(os.path.join(self.config.init_from_llm,
-                                                   TEXT_TOKENIZER_FILE), path, **sides)
-            distributed.barrier(f"text_tokenizer:{os.path.abspath(path)}")
-            return path
-        if not os.path.isfile(path):
-            build_word_tokenizer(
-                path, self.captions + list(self.config.sample.prompts),
-                max_latent_side=max(max(g) for g in self.grids),
-                parallel_num=int(self.config.head.parallel_num))
+
+        def build():  # process 0 writes it once; the others wait, then read it
+            if os.path.isfile(path):
+                return
+            if self.config.init_from_llm:  # the LLM's tokenizer plus the vision tokens
+                extend_text_tokenizer(os.path.join(self.config.init_from_llm, TEXT_TOKENIZER_FILE),
+                                      path, **sides)
+            else:
+                build_word_tokenizer(path, self.captions + list(self.config.sample.prompts),
+                                     **sides)
+
+        distributed.run_once("t2i_text_tokenizer", build)
         return path
 
     def _row_spec(self) -> packing.RowSpec:
@@ -288,10 +288,9 @@ class T2ITask(Task):
         params = jax.device_get({"llm": ema_params["llm"], "head": ema_params["head"],
                                  "projector": ema_params["projector"],
                                  "tokenizer": self.tokenizer.params})
-        param_dir.save_param_dir(dst, KIND, self.model_config.to_dict(), params,
-                                  overwrite=True,
-                                  extra={"tokenizer": self.tokenizer.config.to_dict(),
-                                         "source": "bitdance_jax.train"})
-        if jax.process_index() == 0:
-            shutil.copyfile(self.text_tokenizer_path, os.path.join(dst, TEXT_TOKENIZER_FILE))
-        return dst
+        # Every process (the Orbax save is a collective); the tokenizer file is copied once,
+        # into the directory before it is renamed into place.
+        return param_dir.save_param_dir(
+            dst, KIND, self.model_config.to_dict(), params, overwrite=True,
+            extra={"tokenizer": self.tokenizer.config.to_dict(), "source": "bitdance_jax.train"},
+            extra_files={TEXT_TOKENIZER_FILE: self.text_tokenizer_path})
