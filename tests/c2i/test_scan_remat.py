@@ -67,7 +67,10 @@ def test_scanned_loss_and_grads_equal_unscanned():
     loss_s, grads_s = loss_and_grads(from_unscanned(params, scanned), scanned)
     np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
     assert "layers" in grads_s["model"] and "layers_0" not in grads_s["model"]
-    assert_close(to_unscanned(grads_s, scanned), grads)
+    # The scanned body fuses differently, so float32 sums are reassociated: gradients of
+    # size ~1 may differ by a few ulps (seen: 1.6e-6 on one of 512 entries since the float32
+    # norms and the attention helper landed).
+    assert_close(to_unscanned(grads_s, scanned), grads, atol=3e-6)
 
 
 def test_remat_keeps_loss_and_grads():
