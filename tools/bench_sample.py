@@ -13,8 +13,10 @@ tokens (h*w per image); the tokenizer decode is timed apart with --decode.
 
 ``--batch`` takes a comma-separated list (one JSON object per size, then a summary line).
 ``flops`` adds up XLA's counts of the loop bodies (prefill, one AR step, one head call) times
-their trip counts, since XLA counts a loop's body once; on CPUs ``fraction_of_matmul_rate``
-divides the achieved rate by a measured float32 matmul rate.
+their trip counts, since XLA counts a loop's body once. ``mfu`` divides the achieved rate per
+device by the chip's dense peak for ``--dtype`` (``bitdance_jax.train.metrics.peak_flops``;
+null where the chip is not listed, e.g. CPUs); on CPUs ``fraction_of_matmul_rate`` divides it
+by a measured float32 matmul rate instead.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from bitdance_jax.c2i.sampler import Sampler
 from bitdance_jax.configs.bitdance_models import MODELS
 from bitdance_jax.nn.diffusion_head import abstract_head_params
 from bitdance_jax.nn.layers import DTYPES
+from bitdance_jax.train.metrics import peak_flops
 
 
 def random_params(config: BitDanceConfig, seed: int = 0) -> dict:
@@ -121,6 +124,7 @@ def main(argv=None) -> int:
         summary.append(result)
     if len(summary) > 1:
         print(json.dumps({"images_per_s": {r["batch"]: r["images_per_s"] for r in summary},
+                          "mfu": {r["batch"]: r["mfu"] for r in summary},
                           "fraction_of_matmul_rate": {r["batch"]: r.get("fraction_of_matmul_rate")
                                                       for r in summary}}))
     return 0
@@ -159,10 +163,13 @@ def bench_one(args, config, params, sampler, model, name, batch, dtype, measured
         result["decode_images_per_s"] = round(batch / result["decode_s"], 3)
     rows = int(len(call_args[1])) * (2 if args.cfg_scale > 1.0 else 1)
     flops = sample_flops(config, params if model is None else model.params, rows, args.steps, dtype)
-    result["flops"] = flops
+    peak = peak_flops(jax.devices()[0].device_kind, args.dtype)
+    rate_per_device = flops / steady / jax.device_count() if flops else None
+    result.update(flops=flops, peak_flops_per_device=peak,
+                  mfu=round(rate_per_device / peak, 4) if rate_per_device and peak else None)
     if flops and measured:
         result["matmul_flops_per_device"] = measured
-        result["fraction_of_matmul_rate"] = round(flops / steady / measured / jax.device_count(), 4)
+        result["fraction_of_matmul_rate"] = round(rate_per_device / measured, 4)
     return result
 
 

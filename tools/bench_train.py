@@ -5,7 +5,8 @@
 
 Times the jitted train step alone (synthetic batches of the config's shapes, no input
 pipeline): steps/s, images/s, tokens/s, and an MFU estimate = XLA's FLOP count of the
-compiled step x steps/s / the device's peak. Compile time is reported separately. Where the
+compiled step x steps/s / the device's dense peak for the config's ``compute_dtype``
+(``bitdance_jax.train.metrics.peak_flops``). Compile time is reported separately. Where the
 device's peak is not known (CPUs), ``--config.peak_tflops_per_device`` sets it, and
 ``mfu_vs_matmul`` compares against a measured float32 matmul rate instead.
 
@@ -53,7 +54,8 @@ def random_tokenizer_dir(image_size: int) -> str:
     else:
         tok = TokenizerConfig(**digits_tokenizer.get_config().tokenizer.to_dict())
     f = tok.downsample_factor
-    params = nn.unbox(BinaryAutoencoder(tok).init(
+    # Jitted: one compile instead of one per op of the eager init.
+    params = nn.unbox(jax.jit(BinaryAutoencoder(tok).init)(
         jax.random.PRNGKey(0), np.zeros((1, f, f, 3), np.float32))["params"])
     return save_tokenizer(os.path.join(tempfile.mkdtemp(), "tokenizer"), tok, params)
 

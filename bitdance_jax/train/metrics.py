@@ -6,23 +6,49 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 
-# Dense peak FLOP/s per chip (bf16) by jax device_kind prefix, for the MFU estimate.
-PEAK_FLOPS = (
-    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-    ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12), ("NVIDIA H200", 989e12),
-    ("NVIDIA H100", 989e12), ("NVIDIA A100", 312e12), ("NVIDIA L4", 121e12),
-)
+from bitdance_jax.nn.precision import compute_dtype
+
+# Dense (no 2:4 sparsity) peak FLOP/s per chip, by jax ``device_kind`` prefix, for the MFU
+# estimate. "float32" is float32-input matmuls at JAX's default matmul precision: TF32 tensor
+# cores on A100/H100/H200/B200, one bf16 pass on TPU (so the bf16 peak); matmul_precision
+# "highest" (full float32) runs far below it. NVIDIA figures are the SXM parts, H100 PCIe
+# apart (datasheets: A100, H100/H200, HGX B200 at 1000 W; their sparse figures halved); TPU
+# figures from the Cloud TPU system-architecture pages. TPU v5e reports "TPU v5 lite", v6e "TPU v6 lite", v5p "TPU v5"
+# ("TPU v5p" under Pathways); the longest matching prefix wins, so "TPU v5 lite" is not v5p.
+PEAK_FLOPS = {
+    #  prefix                 bfloat16    float32
+    "NVIDIA A100":          (312e12,    156e12),
+    "NVIDIA H100":          (989.5e12,  494.5e12),
+    "NVIDIA H100 PCIe":     (756.5e12,  378e12),
+    "NVIDIA H200":          (989.5e12,  494.5e12),
+    "NVIDIA B200":          (2250e12,   1100e12),
+    "TPU v4":               (275e12,    275e12),
+    "TPU v5 lite":          (197e12,    197e12),
+    "TPU v5e":              (197e12,    197e12),
+    "TPU v5":               (459e12,    459e12),
+    "TPU v6 lite":          (918e12,    918e12),
+    "TPU v6e":              (918e12,    918e12),
+}
+PEAK_COLUMNS = ("bfloat16", "float32")
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    """Dense peak FLOP/s of one ``device_kind`` chip for matmuls taking ``dtype`` (a dtype or
+    numerics policy name: float32, bfloat16, bf16-mixed); None for CPUs and unlisted chips."""
+    column = PEAK_COLUMNS.index(jnp.dtype(compute_dtype(dtype)).name)
+    matches = [prefix for prefix in PEAK_FLOPS if device_kind.startswith(prefix)]
+    return PEAK_FLOPS[max(matches, key=len)][column] if matches else None
 
 
 def peak_flops_per_device(config) -> float | None:
+    """The MFU denominator of a training config: ``peak_tflops_per_device`` where set, else the
+    table's figure for the first device and the config's ``compute_dtype``."""
     if config.get("peak_tflops_per_device", 0):
         return config.peak_tflops_per_device * 1e12
-    kind = jax.devices()[0].device_kind
-    for prefix, flops in PEAK_FLOPS:
-        if kind.startswith(prefix):
-            return flops
-    return None
+    return peak_flops(jax.devices()[0].device_kind, config.compute_dtype)
+
 
 class MetricLogger:
     """Averages metrics over ``log_every`` steps; stdout (+ tqdm bar) and TensorBoard on process 0."""
