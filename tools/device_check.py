@@ -65,7 +65,8 @@ class Plan:
 DEVICE_PLAN = Plan(
     sample_model="BitDance-B-16x", sample_batches=(64, 256), head_steps=25, sample_repeats=3,
     sample_min_left_s=60, train_config="configs/imagenet_bitdance.py:B,4",
-    train_overrides=("--config.model.precision=bf16-mixed",),
+    # cached latents: the transformer step alone, not the frozen tokenizer's encode
+    train_overrides=("--config.model.precision=bf16-mixed", "--config.data.cache_latents=True"),
     train_batches=(512, 256, 128, 64, 32), train_steps=5, train_warmup=2, train_min_left_s=100)
 TINY_PLAN = Plan(
     sample_model="tiny", sample_batches=(2,), head_steps=2, sample_repeats=1,
