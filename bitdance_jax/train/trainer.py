@@ -70,9 +70,10 @@ class Trainer:
         self.schedule = optim.lr_schedule(o.lr, warmup_steps=o.warmup_steps,
                                           decay_start=o.decay_start, total_steps=num_steps,
                                           min_lr=o.min_lr)
-        self.optimizer = optim.make_optimizer(schedule=self.schedule, b1=o.b1, b2=o.b2, eps=o.eps,
-                                              weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-                                              no_decay_names=tuple(o.no_decay_names))
+        self.recipe = optim.AdamWRecipe(schedule=self.schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                                        weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                                        no_decay_names=tuple(o.no_decay_names))
+        self.optimizer = self.recipe.transformation()
         boxed = jax.eval_shape(self.task.init, jax.random.PRNGKey(0))
         self.param_shardings = sharding.divisible_logical_sharding(boxed, self.mesh)
         abstract_params = nn.unbox(boxed)
@@ -137,7 +138,7 @@ class Trainer:
         """The jitted step (``step.train_step`` with this run's shardings)."""
         if self._step_fn is None:
             self._step_fn = jit_train_step(
-                loss_fn=self.task.loss, optimizer=self.optimizer, schedule=self.schedule,
+                loss_fn=self.task.loss, recipe=self.recipe,
                 ema_decay=self.config.optim.ema_decay, state_shardings=self.state_shardings,
                 frozen_shardings=self.frozen_shardings,
                 batch_shardings={k: self.batch_sharding(np.ndim(v))
