@@ -174,17 +174,16 @@ def _unit_backward(q, k, v, mask, out, lse, d_out, scale, precision):
 
 def _map_units(fn, xs, shared_mask, unit_mask, unit_bytes):
     """``fn(*x, mask)`` over the leading (unit) axis of ``xs``: a loop over cache-sized chunks
-    on CPU, one vectorised call elsewhere (a TPU/GPU wants the big batched matmuls) or when
-    all units fit in one chunk."""
+    on CPU, one vectorised call elsewhere (a TPU/GPU wants the big batched matmuls)."""
     if unit_mask is not None:
         xs = xs + (unit_mask,)
         body = lambda x: fn(*x)
     else:
         body = lambda x: fn(*x, shared_mask)
-    units_per_chunk = max(1, CPU_CHUNK_BYTES // unit_bytes)
-    if jax.default_backend() != "cpu" or units_per_chunk >= xs[0].shape[0]:
+    if jax.default_backend() != "cpu":
         return jax.vmap(body)(xs)
-    return jax.lax.map(body, xs, batch_size=units_per_chunk)
+    units = xs[0].shape[0]
+    return jax.lax.map(body, xs, batch_size=min(units, max(1, CPU_CHUNK_BYTES // unit_bytes)))
 
 
 def _unit_args(q, k, v, mask):
