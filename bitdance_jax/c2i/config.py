@@ -8,12 +8,17 @@ import jax
 import numpy as np
 
 from bitdance_jax.nn import patching
+from bitdance_jax.nn.attention import RESIDUAL_NAMES
 from bitdance_jax.nn.diffusion_head import HeadConfig
 
 PARALLEL_MODES = ("patch", "standard")
 # Rematerialisation of each transformer block when training: what the backward pass keeps.
+# "dots" also keeps the attention's output and log-sum-exp (nn.attention.RESIDUAL_NAMES): its
+# custom backward needs them, and they are not dots, so the whole attention would run again.
 REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.checkpoint_dots}
+                  "dots": jax.checkpoint_policies.save_from_both_policies(
+                      jax.checkpoint_policies.checkpoint_dots,
+                      jax.checkpoint_policies.save_only_these_names(*RESIDUAL_NAMES))}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,6 @@ float32, what the golden tests compare with; ``high`` is 3-pass bf16 on TPU).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Union
 
 import jax
@@ -53,18 +52,6 @@ def lax_precision(precision: PrecisionLike):
         raise ValueError(f"unknown matmul_precision {precision!r}: choose one of "
                          f"{sorted(MATMUL_PRECISIONS)}")
     return MATMUL_PRECISIONS[precision]
-
-
-def matmul_precision_context(precision: PrecisionLike):
-    """Context that sets JAX's default matmul precision while tracing matmuls that take no
-    ``precision`` argument (e.g. inside ``jax.nn.dot_product_attention``); a no-op for
-    ``default``."""
-    p = lax_precision(precision)
-    if p is None:
-        return contextlib.nullcontext()
-    return jax.default_matmul_precision({jax.lax.Precision.HIGH: "high",
-                                         jax.lax.Precision.HIGHEST: "highest",
-                                         jax.lax.Precision.DEFAULT: "default"}[p])
 
 
 def is_accelerator(backend: str | None = None) -> bool:
