@@ -61,6 +61,9 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
     # "bfloat16" is an older name of bf16-mixed. The bitdance kind sets it as
     # model.precision (this field then follows it).
     c.compute_dtype = "float32"
+    # Precision of float32 matmuls and convs: default | high | highest (bitdance_jax.nn.precision;
+    # on TPU "default" is one bf16 pass). The bitdance kind sets it as model.matmul_precision.
+    c.matmul_precision = "default"
     c.init_from = ""                    # a ported / trained param directory to start from
     c.log_every = 50
     c.sample_every = 0                  # 0: only the final sample grid
@@ -93,6 +96,7 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
             # it applies, else XLA) | xla | cudnn | einsum.
             precision="float32", matmul_precision="default", attention="auto"))
         c.compute_dtype = c.model.get_ref("precision")   # the older name, kept in sync
+        c.matmul_precision = c.model.get_ref("matmul_precision")
         c.loss = ml_collections.ConfigDict(dict(bit_flip_rate=0.1, label_drop=0.1))
         c.sample = ml_collections.ConfigDict(dict(cfg_scale=4.0, num_steps=50, per_class=4,
                                                   classes=(), seed=0))

@@ -202,3 +202,19 @@ def test_bf16_mixed_200_digits_steps_reach_the_float32_loss(tmp_path):
     print(f"digits model after {steps} steps: bf16-mixed vs float32 latents agree on "
           f"{agreement:.2%} of {bits} bits ({first:.2%} in the first AR step)")
     assert agreement >= 0.99
+
+
+def test_tokenizer_task_takes_matmul_precision(tmp_path):
+    """The tokenizer kind reads the top-level ``matmul_precision`` (the bitdance kind keeps it
+    in sync with ``model.matmul_precision``); an unknown name is an error."""
+    from bitdance_jax.configs import digits_tokenizer
+    from bitdance_jax.train.tasks.tokenizer import TokenizerTask
+    config = digits_tokenizer.get_config()
+    config.matmul_precision = "highest"
+    assert TokenizerTask(config, str(tmp_path)).model.precision == "highest"
+    config.matmul_precision = "exact"
+    with pytest.raises(ValueError, match="unknown matmul_precision 'exact'"):
+        TokenizerTask(config, str(tmp_path))
+    bitdance = digits_bitdance.get_config()
+    bitdance.model.matmul_precision = "high"
+    assert bitdance.matmul_precision == "high"

@@ -334,6 +334,13 @@ def test_folder_source_and_bad_input(tokenizer_dir, tmp_path):
         T2ITask(tiny_config(""), str(tmp_path / "wd3"))
     with pytest.raises(ValueError, match="vocab_size 5 is smaller than the text tokenizer"):
         T2ITask(tiny_config(tokenizer_dir, **{"llm.vocab_size": 5}), str(tmp_path / "wd4"))
+    with pytest.raises(ValueError, match="unknown matmul_precision 'exact'"):
+        T2ITask(tiny_config(tokenizer_dir, matmul_precision="exact"), str(tmp_path / "wd5"))
+
+
+def test_matmul_precision_reaches_every_t2i_module(tokenizer_dir, tmp_path):
+    model = T2ITask(tiny_config(tokenizer_dir, matmul_precision="highest"), str(tmp_path)).model
+    assert model.llm.precision == model.head.precision == model.projector.precision == "highest"
 
 
 def test_buckets_with_latent_cache(tokenizer_dir, tmp_path):

@@ -37,6 +37,7 @@ from bitdance_jax.t2i.prompts import TextTokenizer
 from bitdance_jax.tokenizer.api import load_tokenizer
 from bitdance_jax.tokenizer.model import quantize_signs
 from bitdance_jax.train.tasks.base import Task
+from bitdance_jax.nn.precision import lax_precision
 
 TEXT_TOKENIZER_FILE = "tokenizer.json"
 log = logging.getLogger(__name__)
@@ -84,7 +85,10 @@ class T2ITask(Task):
                              f"{text_vocab} tokens ({self.text_tokenizer_path})")
         self.model_config = T2IConfig(llm=self._llm_config(vocab), head_kwargs=head_kwargs,
                                           tokenizer=self.tokenizer.config)
-        self.model = PackedT2IModel(self.model_config, self.dtype)
+        precision = config.get("matmul_precision", "default")
+        lax_precision(precision)  # validates
+        self.model = PackedT2IModel(self.model_config, self.dtype,
+                                    precision=precision)
         self.sample_tokenizer = packing.SampleTokenizer(self.text_tokenizer,
                                                          self.model_config.parallel_num)
         self.spec = self._row_spec()

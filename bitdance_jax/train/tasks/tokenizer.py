@@ -13,6 +13,7 @@ from bitdance_jax.tokenizer import losses as tokenizer_losses
 from bitdance_jax.tokenizer.api import save_tokenizer
 from bitdance_jax.tokenizer.model import BinaryAutoencoder, TokenizerConfig, quantizer_losses
 from bitdance_jax.train.tasks.base import Task
+from bitdance_jax.nn.precision import lax_precision
 
 class TokenizerTask(Task):
     """Binary tokenizer: reconstruction (L1/L2) + the quantizer's entropy and commitment losses,
@@ -24,7 +25,10 @@ class TokenizerTask(Task):
         super().__init__(config, workdir)
         self.tok_config = TokenizerConfig(**config.tokenizer.to_dict())
         dtype = DTYPES[config.compute_dtype]
-        self.model = BinaryAutoencoder(self.tok_config, dtype=dtype)
+        precision = config.get("matmul_precision", "default")
+        lax_precision(precision)  # validates
+        self.model = BinaryAutoencoder(self.tok_config, dtype=dtype,
+                                       precision=precision)
         self.image_size = config.data.image_size
         f = self.tok_config.downsample_factor
         if self.image_size % f:
