@@ -75,7 +75,6 @@ def test_projector_and_position_embeddings(pipe):
 
 def test_text_tokenization(pipe):
     parts = golden.arrays("t2i_parts")
-    gen = golden.arrays("t2i_gen")
     cfg = golden.case("t2i_gen")["config"]
     tok = pipe.text_tokenizer
     golden.check("t2i_parts", "llm_input_ids", np.array([tok.encode(cfg["cond_prompt"])]))
@@ -149,7 +148,6 @@ def test_every_llm_call_with_kv_cache(pipe, run_index):
 def test_first_llm_call_inputs(pipe):
     """Call 0's inputs: embeddings of the prompt ids, <|vision_start|>, <|res_h|>."""
     cfg = golden.case("t2i_gen")["config"]
-    a = golden.arrays("t2i_gen")
     h, w = pipe.config.latent_grid(*cfg["image_size"])
     prefix = pipe.text_tokenizer.image_prefix_ids(h, w, pipe.config.parallel_num)
     for run in [cfg["runs"][i] for i in _runs_with_llm_calls()]:
