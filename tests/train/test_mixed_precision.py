@@ -151,46 +151,30 @@ def run_steps(config, workdir, num_steps, init_params=None):
 
 
 @pytest.mark.slow
-def test_bf16_mixed_training_step(tmp_path):
-    """One trainer step from the same params and batch: the loss within 1e-2 relative, the
-    params and the optimizer state float32, the updated params close."""
-    tok = tiny_tokenizer_dir(tmp_path, 16)
-    runs = {}
-    init = None
-    for precision in ("float32", "bf16-mixed"):
-        config = digits_config(tmp_path, precision, 1, tok)
-        if init is None:
-            trainer = train.Trainer(config, str(tmp_path), sharding.make_mesh((1, 1, 1),
-                                                                              jax.devices()[:1]))
-            arch = trainer.task.model_config
-            init = nontrivial_params(arch)
-        runs[precision] = run_steps(config, tmp_path / precision, 1, init)
-    (l32, s32), (l16, s16) = runs["float32"], runs["bf16-mixed"]
-    rel = abs(l16[0] / l32[0] - 1)
-    print(f"\none step: loss float32 {l32[0]:.6f}  bf16-mixed {l16[0]:.6f}  rel {rel:.1e}")
-    assert rel < 1e-2
-    for tree in (s16["params"], s16["opt_state"], s16["ema"]):
-        floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-        assert {x.dtype for x in floats} == {np.dtype(np.float32)}
-    diff = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(s16["params"]),
-                                                 jax.tree.leaves(s32["params"]))]
-    assert max(diff) < 2.5e-3   # lr 1e-3: Adam's first step moves each param by about lr
-
-
-@pytest.mark.slow
 def test_bf16_mixed_200_digits_steps_reach_the_float32_loss(tmp_path):
-    """200 steps from the same init and data: the mean loss of the last 50 steps within 5%."""
+    """200 trainer steps from the same init and data: the first step's loss within 1e-2
+    relative (the head's own bf16 matmuls at non-trivial params are checked by
+    test_bf16_mixed_loss_and_grads_match_float32), the mean loss of the last 50 steps within
+    5%, params, optimizer state and EMA kept in float32."""
     tok = tiny_tokenizer_dir(tmp_path, 16)
     steps = 200
-    means, states = {}, {}
+    means, states, firsts = {}, {}, {}
     for precision in ("float32", "bf16-mixed"):
         config = digits_config(tmp_path, precision, steps, tok)
         losses, states[precision] = run_steps(config, tmp_path / precision, steps)
         assert np.isfinite(losses).all()
         means[precision] = (float(losses[:10].mean()), float(losses[-50:].mean()))
+        firsts[precision] = float(losses[0])
+    step1 = abs(firsts["bf16-mixed"] / firsts["float32"] - 1)
+    print(f"\nfirst step: loss float32 {firsts['float32']:.6f}  bf16-mixed "
+          f"{firsts['bf16-mixed']:.6f}  rel {step1:.1e}")
+    assert step1 < 1e-2
+    for tree in (states["bf16-mixed"][k] for k in ("params", "opt_state", "ema")):
+        floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+        assert {x.dtype for x in floats} == {np.dtype(np.float32)}
     (first32, last32), (first16, last16) = means["float32"], means["bf16-mixed"]
     rel = abs(last16 / last32 - 1)
-    print(f"\n{steps} digits steps, mean loss of steps 1-10 -> last 50: float32 {first32:.4f} -> "
+    print(f"{steps} digits steps, mean loss of steps 1-10 -> last 50: float32 {first32:.4f} -> "
           f"{last32:.4f}, bf16-mixed {first16:.4f} -> {last16:.4f} (rel {rel:.2%})")
     assert last32 < 0.9 * first32   # it learns
     assert rel < 0.05
