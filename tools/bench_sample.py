@@ -39,6 +39,7 @@ from bitdance_jax.configs.bitdance_models import MODELS
 from bitdance_jax.nn.diffusion_head import abstract_head_params
 from bitdance_jax.nn.layers import DTYPES
 from bitdance_jax.train.metrics import peak_flops
+from bench_train import matmul_flops_per_device  # tools/ is this script's directory
 
 
 def random_params(config: BitDanceConfig, seed: int = 0) -> dict:
@@ -78,18 +79,6 @@ def sample_flops(config: BitDanceConfig, params, rows: int, head_steps: int, dty
     except Exception:  # some backends do not implement cost analysis
         return None
     return prefill + (cfg.num_steps - 1) * step + cfg.num_steps * (head_steps + 1) * head
-
-
-def matmul_flops_per_device(n: int = 2048, repeats: int = 5) -> float:
-    """Measured float32 matmul FLOP/s of one device (as tools/bench_train.py)."""
-    import jax.numpy as jnp
-    x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
-    f = jax.jit(lambda a: jnp.matmul(a, a, precision=jax.lax.Precision.HIGHEST))
-    f(x).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        f(x).block_until_ready()
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t)
 
 
 def main(argv=None) -> int:

@@ -125,7 +125,7 @@ class AdamWRecipe:
                 jnp.sqrt(v / nu_correction.astype(v.dtype)) + self.eps)
             if decays and self.weight_decay != 0.0:
                 u = u + self.weight_decay * p
-            p = keep(jnp.asarray(p + jnp.array(step_size, u.dtype) * u).astype(p.dtype), p)
+            p = keep((p + jnp.array(step_size, u.dtype) * u).astype(p.dtype), p)
             e = keep((ema_decay * e.astype(jnp.float32)
                       + (1.0 - ema_decay) * p.astype(jnp.float32)).astype(e.dtype), e)
             return p, m, v, e
@@ -138,15 +138,6 @@ class AdamWRecipe:
         adamw_state = (adam, decay_state, schedule_state)
         opt_state = (opt_state[0], adamw_state) if self.clips else adamw_state
         return pick(0), pick(3), opt_state
-
-
-def make_optimizer(*, schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95,
-                   eps: float = 1e-8, weight_decay: float = 0.05, clip_norm: float = 1.0,
-                   no_decay_names: Sequence[str] = DEFAULT_NO_DECAY_NAMES
-                   ) -> optax.GradientTransformation:
-    """The recipe's optax chain (see ``AdamWRecipe``)."""
-    return AdamWRecipe(schedule=schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                       clip_norm=clip_norm, no_decay_names=tuple(no_decay_names)).transformation()
 
 
 def opt_state_shardings(abstract_opt_state, param_shardings, replicated):
