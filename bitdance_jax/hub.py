@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from urllib.parse import quote
 
 PREFIXES = ("hf://", "hf:")
@@ -33,6 +34,10 @@ META_FILE = "bitdance.json"       # a ported (bitdance-jax) directory
 MODEL_EXTS = (".pt", ".pth")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A branch or tag name (``refs/pr/1`` too): it becomes a path under the caches, so only
+# plain components, none of them ``..`` or hidden, and never absolute.
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*"
+                       r"(?:/[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*)*$")
 
 
 class HubError(RuntimeError):
@@ -76,6 +81,10 @@ def parse(hub_id: str) -> HubId:
         body, revision = body.rsplit("@", 1)
         if not revision:
             raise HubError(f"{hub_id!r}: empty revision after '@'")
+        if not _REVISION.match(revision):
+            raise HubError(f"{hub_id!r}: {revision!r} is not a revision: expected a branch or "
+                           "tag name (letters, digits, '.', '_', '-', '/'-separated parts) or "
+                           "a 40-character commit hash")
     parts = [p for p in body.split("/")]
     if len(parts) < 2 or not all(_REPO_PART.match(p) for p in parts[:2]):
         raise HubError(f"{hub_id!r} is not a Hub id: expected hf:owner/name[/file][@revision], "
@@ -117,8 +126,19 @@ def cache_root() -> str:
     return os.path.expanduser(os.path.expandvars(d)) if d else os.path.join(hf_home(), "bitdance_jax")
 
 
+def _inside(root: str, *parts: str) -> str:
+    """``root/parts...``, refusing a result that leaves ``root`` by its components (``..``, an
+    absolute part), since Hub ids, revisions and refs are untrusted input. Lexical on
+    purpose: a Hub snapshot's files are symlinks into its blob store."""
+    path = os.path.join(root, *parts)
+    norm_root = os.path.normpath(os.path.abspath(root))
+    if os.path.commonpath([norm_root, os.path.normpath(os.path.abspath(path))]) != norm_root:
+        raise HubError(f"{os.path.join(*parts)!r} would leave the cache {root}")
+    return path
+
+
 def _repo_dir(repo_id: str) -> str:
-    return os.path.join(cache_root(), "ported", repo_id.replace("/", "--"))
+    return _inside(cache_root(), "ported", repo_id.replace("/", "--"))
 
 
 def _variant(spec: HubId, use_ema: bool, param_dtype: str, num_codebooks: int | None) -> str:
@@ -134,8 +154,8 @@ def _variant(spec: HubId, use_ema: bool, param_dtype: str, num_codebooks: int | 
 
 def ported_dir(spec: HubId, commit: str, *, use_ema: bool = True, param_dtype: str = "float32",
                num_codebooks: int | None = None) -> str:
-    return os.path.join(_repo_dir(spec.repo_id), commit,
-                        _variant(spec, use_ema, param_dtype, num_codebooks))
+    return _inside(_repo_dir(spec.repo_id), commit,
+                   _variant(spec, use_ema, param_dtype, num_codebooks))
 
 
 def _complete(path: str) -> bool:
@@ -187,17 +207,43 @@ def _translate(e: Exception, spec: HubId, revision: str, offline: bool) -> HubEr
     return HubError(f"{spec}: download failed ({type(e).__name__}: {e})")
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the Hub could not be reached" for the HTTP clients
+    huggingface_hub may use (each optional)."""
+    found: list[type[BaseException]] = [OSError, TimeoutError]  # requests' errors are OSErrors
+    for module in ("httpx", "httpx2"):
+        try:
+            found.append(__import__(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
 def _remote_commit(spec: HubId, token) -> str | None:
-    """The commit a branch/tag points to now; None when the Hub cannot be reached."""
+    """The commit a branch/tag points to now; None when the Hub cannot be reached or answers
+    with a server error (then the cache decides, with a warning). Refused credentials are
+    an error: a silent fall-back would serve a stale cache to a user whose token is wrong."""
     from huggingface_hub import HfApi
     E = _hub_errors()
     rev = spec.revision or "main"
     try:
         return HfApi().repo_info(spec.repo_id, revision=rev, token=token).sha
     except (E["RepositoryNotFoundError"], E["RevisionNotFoundError"], E["DisabledRepoError"],
-            E["HFValidationError"]) as e:
+            E["HFValidationError"], E["GatedRepoError"]) as e:
         raise _translate(e, spec, rev, offline=False) from e
-    except Exception:  # connection trouble, Hub down, offline mode: decide from the cache
+    except E["OfflineModeIsEnabled"]:
+        return None
+    except E["HfHubHTTPError"] as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise HubError(f"{spec}: the Hub refused the credentials (HTTP {status}): check "
+                           "HF_TOKEN or `hf auth login`") from e
+        if status is not None and status >= 500:
+            warnings.warn(f"{spec}: the Hub answered HTTP {status}; using the cached copy of "
+                          f"revision {rev!r} if there is one", RuntimeWarning, stacklevel=3)
+            return None
+        raise HubError(f"{spec}: the Hub refused the request (HTTP {status}): {e}") from e
+    except _transport_errors():
         return None
 
 
@@ -212,8 +258,9 @@ def _read(path: str) -> str | None:
 def _local_commit(spec: HubId) -> str | None:
     """The commit a branch/tag pointed to when last seen: huggingface_hub's refs, else ours."""
     rev = spec.revision or "main"
-    hf_ref = os.path.join(hub_cache_dir(), "models--" + spec.repo_id.replace("/", "--"), "refs", rev)
-    return _read(hf_ref) or _read(os.path.join(_repo_dir(spec.repo_id), "refs", rev))
+    hf_ref = _inside(hub_cache_dir(), "models--" + spec.repo_id.replace("/", "--"), "refs", rev)
+    commit = _read(hf_ref) or _read(_inside(_repo_dir(spec.repo_id), "refs", rev))
+    return commit if commit and _COMMIT.match(commit) else None
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -285,7 +332,7 @@ def _listing(root: str, limit: int = 20) -> str:
 def plan(snapshot: str, spec: HubId) -> tuple[str, dict] | None:
     """What to port from a downloaded snapshot: ``(source path, port kwargs)``, or ``None``
     when the target already is a ported directory."""
-    target = os.path.join(snapshot, spec.subpath) if spec.subpath else snapshot
+    target = _inside(snapshot, spec.subpath) if spec.subpath else snapshot
     if not os.path.exists(target):
         raise HubNotFoundError(f"{spec}: {spec.subpath!r} is not in {spec.repo_id} at commit "
                                f"{os.path.basename(snapshot)} (files: {_listing(snapshot)})")
@@ -393,6 +440,8 @@ def resolve(path_or_id, *, use_ema: bool = True, param_dtype: str = "float32",
         return dst
     snapshot = download(spec, commit or rev, offline=offline, token=token)
     commit = os.path.basename(os.path.normpath(snapshot))
+    if not _COMMIT.match(commit):
+        raise HubError(f"{spec}: the Hub cache returned {snapshot!r}, not a snapshot folder")
     todo = plan(snapshot, spec)
     if todo is None:   # the repo holds a ported directory
         return os.path.join(snapshot, spec.subpath) if spec.subpath else snapshot
@@ -400,7 +449,7 @@ def resolve(path_or_id, *, use_ema: bool = True, param_dtype: str = "float32",
     kwargs.update(use_ema=use_ema, param_dtype=str(param_dtype), num_codebooks=num_codebooks)
     dst = _port_atomically(spec, snapshot, src, ported_dir(spec, commit, **options), kwargs)
     if not _COMMIT.match(rev):   # remember the branch for offline use without the Hub cache
-        _write_atomic(os.path.join(_repo_dir(spec.repo_id), "refs", rev), commit)
+        _write_atomic(_inside(_repo_dir(spec.repo_id), "refs", rev), commit)
     return dst
 
 

@@ -130,7 +130,7 @@ def test_repo_holding_a_ported_directory_is_used_as_is(env, hf_home, tmp_path):
     commit = hub_cache.add_folder(home, "tiny/jax-tok", ported)
     out = hub.resolve("hf:tiny/jax-tok")
     assert out.endswith(os.path.join("snapshots", commit))
-    assert load_tokenizer(out).config.z_channels == 16
+    assert load_tokenizer(out).config.z_channels == golden.case("tokenizer")["config"]["ddconfig"]["z_channels"]
     assert _complete_dirs(os.environ["BITDANCE_JAX_CACHE"]) == []   # nothing ported
 
 
@@ -253,3 +253,43 @@ def test_loaders_and_cli_take_hub_ids(env, tmp_path, capsys):
     assert sample_cli.main(["--ckpt", "hf:tiny/nothere", "--class-ids", "0",
                             "--out", str(grid)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("revision", ["../..", "/abs/path", "a/../b", ".hidden", "a//b", "x/", "..", "a\\b"])
+def test_revisions_that_are_not_ref_names_are_refused(env, revision):
+    """A revision becomes a path under both caches: ``@../..`` once read and wrote there."""
+    with pytest.raises(hub.HubError, match="not a revision"):
+        hub.resolve(f"hf:tiny/c2i@{revision}")
+
+
+def test_branch_tag_and_pr_revisions_parse():
+    for rev in ("main", "v1.0", "refs/pr/1", "release-2026_12", "0" * 40):
+        assert hub.parse(f"hf:o/n@{rev}").revision == rev
+
+
+def test_a_ref_file_that_is_not_a_commit_is_ignored(env, monkeypatch):
+    """The refs files are read back as path components: only a commit hash is trusted."""
+    refs = os.path.join(hub._repo_dir("nobody/forged"), "refs")
+    os.makedirs(refs)
+    with open(os.path.join(refs, "main"), "w") as f:
+        f.write("../../../elsewhere")
+    assert hub._local_commit(hub.parse("hf:nobody/forged")) is None
+
+
+def test_refused_credentials_and_server_errors(env, monkeypatch):
+    """401/403 is an error, never a silent stale cache; a 5xx falls back to the cache with a
+    warning; both used to be swallowed by one ``except Exception``."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    cached = hub.resolve("hf:tiny/c2i")   # port it once (offline lookup of the local refs)
+
+    def repo_info_answering(status):
+        def repo_info(self, repo_id, **kw):
+            raise hf_errors.HfHubHTTPError(f"HTTP {status}", response=_response(status))
+        return repo_info
+    for status in (401, 403):
+        monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info_answering(status))
+        with pytest.raises(hub.HubError, match=f"refused the credentials \\(HTTP {status}\\)"):
+            hub.resolve("hf:tiny/c2i")
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info_answering(503))
+    with pytest.warns(RuntimeWarning, match="HTTP 503.*cached copy"):
+        assert hub.resolve("hf:tiny/c2i") == cached

@@ -41,6 +41,13 @@ def _llm_shard_files(src: str) -> list[str]:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise porting.PortingError(f"{index_path} has no 'weight_map'")
+        # The index is downloaded with the weights: a shard name is one plain file name of
+        # this folder, never a path that reads (or, through the port, copies) files elsewhere.
+        escaping = [s for s in weight_map.values() if not isinstance(s, str) or not s
+                    or s.startswith(".") or os.path.basename(s) != s or "\\" in s]
+        if escaping:
+            raise porting.PortingError(f"{index_path} names shard(s) outside its folder: "
+                                       f"{', '.join(sorted(set(map(repr, escaping))))}")
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not os.path.isfile(os.path.join(src, s))]
         if missing:
