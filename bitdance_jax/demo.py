@@ -8,7 +8,8 @@
 * Text-to-image: prompt, size from the model's allowed list, guidance, seed, steps.
 * Every request shape has one compiled program, warmed before the server starts: the batch
   is always padded to ``--max-batch`` (sample i depends only on seed, i, class, cfg and steps,
-  so padding changes nothing), and steps come from a fixed list.
+  so padding changes nothing), steps come from a fixed list, and text-to-image prompts are
+  padded to one bucket of ``--max-prompt-tokens`` slots (longer prompts are refused).
 * Images appear in a gallery with a PNG download button each; a progress bar runs while
   sampling; bad input gets a message in the page (status box and a toast), never a traceback.
 """
@@ -28,6 +29,8 @@ import numpy as np
 
 DIGITS_CLASSES = 10
 IMAGENET_CLASSES = 1000
+DEFAULT_MAX_PROMPT_TOKENS = 256
+MAX_CHARS_PER_TOKEN = 32   # a cheap bound checked before tokenizing (a 1 MB paste)
 
 
 # ----------------------------------------------------------------------------- class names
@@ -243,8 +246,15 @@ class TextToImage:
     """A loaded text-to-image pipeline behind the page's second section."""
 
     def __init__(self, pipe, sizes: Sequence[tuple[int, int]] | None = None,
-                 steps: Sequence[int] = (50,), default_guidance: float = 7.5):
+                 steps: Sequence[int] = (50,), default_guidance: float = 7.5,
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS):
+        from bitdance_jax.t2i.sampler import prompt_bucket
         self.pipe = pipe
+        if max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        # Every prompt is padded to one bucket, the one warmed: a longer prompt would compile
+        # a new program (and keep it) on each new bucket, so it is refused instead.
+        self.prompt_slots = prompt_bucket(max_prompt_tokens)
         allowed = candidate_sizes(pipe)
         if sizes:
             for s in sizes:
@@ -268,6 +278,11 @@ class TextToImage:
         prompt = str(prompt or "").strip()
         if not prompt:
             raise InputError("the prompt is empty: describe the image to generate")
+        # A token is at most a few characters, so this bounds the tokenizer's work first.
+        if len(prompt) > MAX_CHARS_PER_TOKEN * self.prompt_slots or \
+                self.pipe.prompt_tokens(prompt) > self.prompt_slots:
+            raise InputError(f"the prompt is too long: at most {self.prompt_slots} tokens "
+                             "(the chat template included); shorten it")
         try:
             hw = parse_size(size)
         except ValueError as e:
@@ -284,7 +299,8 @@ class TextToImage:
 
     def _generate(self, prompt, hw, guidance, seed, steps):
         return self.pipe.generate(prompt, height=hw[0], width=hw[1], num_sampling_steps=steps,
-                                  guidance_scale=guidance, num_images=1, seed=seed)
+                                  guidance_scale=guidance, num_images=1, seed=seed,
+                                  prompt_slots=self.prompt_slots)
 
     def generate(self, prompt, size, guidance, seed, steps, report=lambda f, d: None):
         prompt, hw, guidance, seed, steps = self.check(prompt, size, guidance, seed, steps)
@@ -328,9 +344,9 @@ def _handler(fn, gr):
         except InputError as e:
             gr.Warning(str(e))
             return gr.skip(), f"⚠ {e}"
-        except Exception as e:  # never a traceback in the page
+        except Exception as e:  # never a traceback, nor a server path, in the page
             traceback.print_exc()
-            msg = f"generation failed ({type(e).__name__}): {e}"
+            msg = f"generation failed ({type(e).__name__}); the server log has the details"
             gr.Warning(msg)
             return gr.skip(), f"⚠ {msg}"
         return images, f"done: {len(images)} image(s) in {time.monotonic() - t:.1f}s"
@@ -411,6 +427,9 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=7.5, help="default text-to-image guidance")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of the transformers")
+    p.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS,
+                   help="longest text-to-image prompt, in tokens (rounded up to a multiple of "
+                        "64); every prompt runs in that one warmed program")
     p.add_argument("--warm", choices=("default", "all", "none"), default="default",
                    help="compile before serving: every class-conditional shape and the default "
                         "text-to-image size ('default'), every size too ('all'), or nothing")
@@ -434,7 +453,8 @@ def main(argv=None) -> int:
             pipe = load_t2i(hub.resolve(args.t2i_ckpt), dtype=dtype)
             sizes = [parse_size(s) for s in args.t2i_sizes.split(",")] if args.t2i_sizes else None
             t2i = TextToImage(pipe, sizes, parse_int_list(args.t2i_steps, "--t2i-steps"),
-                              default_guidance=args.guidance)
+                              default_guidance=args.guidance,
+                              max_prompt_tokens=args.max_prompt_tokens)
         if args.warm != "none":
             t0 = time.monotonic()
             if c2i is not None:

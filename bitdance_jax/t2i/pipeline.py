@@ -117,14 +117,17 @@ class T2IPipeline:
     def sample_latents(self, prompts: Sequence[str] | str, height: int, width: int, *,
                        num_sampling_steps: int = 50, guidance_scale: float = 7.5,
                        num_images: int = 1, noise_source: NoiseSource | None = None,
-                       seed: int = 0, trace: bool = False, progress: bool = False):
+                       seed: int = 0, trace: bool = False, progress: bool = False,
+                       prompt_slots: int | None = None):
         """Binary latents [B, h, w, z] (B = num_images, or one per prompt when a list is given,
         each prompt then gets ``num_images``) and, with ``trace``, a ``SampleTrace``.
 
         ``noise_source(shape)`` returns every N(0, 1) draw at once, shaped
         [image_steps, num_sampling_steps + 1, B, P, z]: per image step the head's initial
         state then one draw per SDE step (the reference's call order). ``progress`` shows a
-        bar advanced by the jitted loop after each image step.
+        bar advanced by the jitted loop after each image step. ``prompt_slots`` (a multiple of
+        64) pads every prompt to that many token slots, so a server compiles one program for
+        all prompts up to that length; ``None`` takes the smallest bucket that fits.
         """
         cfg = self.config
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -147,6 +150,13 @@ class T2IPipeline:
         heads = [tok.encode(t) + prefix[:2] for t in texts]
         lengths = np.array([len(x) for x in heads], np.int32)
         bucket = prompt_bucket(int(lengths.max()))
+        if prompt_slots is not None:
+            if prompt_slots != prompt_bucket(prompt_slots):
+                raise ValueError(f"prompt_slots must be a positive multiple of 64, got {prompt_slots}")
+            if bucket > prompt_slots:
+                raise ValueError(f"a prompt of {int(lengths.max())} tokens does not fit in "
+                                 f"{prompt_slots} prompt slots")
+            bucket = prompt_slots
         ids = np.zeros((len(heads), bucket), np.int32)
         for i, x in enumerate(heads):
             ids[i, :len(x)] = x
@@ -173,13 +183,19 @@ class T2IPipeline:
         bits = unpatchify(tokens, cfg.patch_side, h, w)
         return (bits, SampleTrace(np.asarray(head_cond), np.asarray(head_pred))) if trace else bits
 
+    def prompt_tokens(self, prompt: str) -> int:
+        """Token slots ``prompt`` takes in the first call (template and image prefix included)."""
+        return len(self.text_tokenizer.encode(cond_prompt(prompt))) + 2
+
     def generate(self, prompt: str, height: int = 1024, width: int = 1024,
                  num_sampling_steps: int = 50, guidance_scale: float = 7.5, num_images: int = 1,
-                 seed: int = 0, noise_source: NoiseSource | None = None, progress: bool = False):
+                 seed: int = 0, noise_source: NoiseSource | None = None, progress: bool = False,
+                 prompt_slots: int | None = None):
         """``num_images`` PIL images for ``prompt`` (the reference's ``generate``)."""
         bits = self.sample_latents(prompt, height, width, num_sampling_steps=num_sampling_steps,
                                    guidance_scale=guidance_scale, num_images=num_images,
-                                   noise_source=noise_source, seed=seed, progress=progress)
+                                   noise_source=noise_source, seed=seed, progress=progress,
+                                   prompt_slots=prompt_slots)
         return to_pil(self.decode_latents(bits, seed=seed))
 
 

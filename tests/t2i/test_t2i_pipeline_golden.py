@@ -22,6 +22,7 @@ from bitdance_jax.t2i import model as t2i_model
 from bitdance_jax.t2i import pipeline as t2i
 from bitdance_jax.t2i import prompts as t2i_prompts
 from bitdance_jax.t2i import qwen3
+from bitdance_jax.t2i import sampler as t2i_sampler
 
 
 GOLDEN_NUMERICS = dict(dtype="float32", precision=golden.MATMUL_PRECISION)
@@ -407,3 +408,24 @@ def test_prompt_batch_rows_are_independent(pipe):
                                noise_source=lambda shape: np.zeros(shape, np.float32))
     ours = np.moveaxis(np.asarray(bits[run["num_images"]:]), -1, 1)
     golden.check("t2i_gen", run["prefix"] + "latent_tokens", ours)
+
+
+def test_prompt_slots_pad_to_one_bucket_and_refuse_longer_prompts(pipe):
+    """The demo pads every prompt to one warmed bucket: the golden zero-noise run still holds
+    at twice the slots, and a prompt longer than the slots is refused, never compiled anew."""
+    cfg = golden.case("t2i_gen")["config"]
+    run = next(r for r in cfg["runs"] if r["noise"] == "zeros")
+    prompt = _user_prompt(cfg)
+    slots = 2 * t2i_sampler.prompt_bucket(pipe.prompt_tokens(prompt))
+    bits = pipe.sample_latents(prompt, *cfg["image_size"], num_sampling_steps=cfg["num_sampling_steps"],
+                               guidance_scale=run["guidance_scale"], num_images=run["num_images"],
+                               noise_source=lambda shape: np.zeros(shape, np.float32),
+                               prompt_slots=slots)
+    golden.check("t2i_gen", run["prefix"] + "latent_tokens", np.moveaxis(np.asarray(bits), -1, 1))
+    too_long = "cube " * slots
+    assert pipe.prompt_tokens(too_long) > slots
+    with pytest.raises(ValueError, match=f"does not fit in {slots} prompt slots"):
+        pipe.sample_latents(too_long, *cfg["image_size"], num_sampling_steps=1,
+                            guidance_scale=1.0, prompt_slots=slots)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        pipe.sample_latents(prompt, *cfg["image_size"], num_sampling_steps=1, prompt_slots=100)
