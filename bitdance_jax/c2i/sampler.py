@@ -171,8 +171,9 @@ class Sampler:
         if bad.size:
             raise ValueError(f"unknown class id(s) {sorted(set(bad.tolist()))}: the model has "
                              f"classes 0..{self.config.num_classes - 1}")
-        if not cfg_scale >= 1.0:
-            raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+        if not 1.0 <= cfg_scale < float("inf"):   # inf made NaN images, NaN passed too
+            raise ValueError(f"cfg_scale must be a finite number >= 1 (1 = no guidance), got "
+                             f"{cfg_scale}")
         if int(num_sampling_steps) < 1:
             raise ValueError(f"num_sampling_steps must be >= 1, got {num_sampling_steps}")
         return ids.astype(np.int32)

@@ -58,11 +58,15 @@ def read_meta(path: str) -> dict[str, Any]:
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path} is not a bitdance-jax checkpoint directory "
                               f"(no {META_FILE}); port weights with python -m bitdance_jax.porting")
-    with open(meta_path) as f:
+    with open(meta_path, encoding="utf-8") as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
+            meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{meta_path} is corrupt: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} is corrupt: expected a JSON object, found a "
+                              f"{type(meta).__name__}")
+    return meta
 
 
 def load_param_dir(path: str, kind: str | None = None, target=None):

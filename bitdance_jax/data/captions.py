@@ -13,7 +13,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from bitdance_jax.data.sources import IMAGE_EXTENSIONS, DigitsSource
+from bitdance_jax.data.sources import IMAGE_EXTENSIONS, DigitsSource, visible_walk
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -72,8 +72,8 @@ class CaptionFolderSource:
                     raise ValueError(f"{captions_file}:{n}: second caption for {name!r}")
                 captions[key] = caption
         files = sorted(os.path.relpath(os.path.join(d, f), root)
-                       for d, _, names in os.walk(root) for f in names
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
+                       for d, _, names in visible_walk(root) for f in names
+                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
         if not files:
             raise ValueError(f"image folder {root!r} holds no images "
                              f"({', '.join(IMAGE_EXTENSIONS)})")

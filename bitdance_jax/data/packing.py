@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Sequence
 
 import grain
@@ -25,18 +26,31 @@ import numpy as np
 from bitdance_jax.nn.patching import token_cells
 from bitdance_jax.t2i.prompts import UNCOND_PROMPT, TextTokenizer, cond_prompt
 
+log = logging.getLogger(__name__)
+
+UNREADABLE = -1   # bucket of a record whose image header cannot be read: never packed
+
+
 def assign_buckets(source, buckets: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Bucket index of every record (its exact (H, W) must be listed)."""
+    """Bucket index of every record (its exact (H, W) must be listed); ``UNREADABLE``, with a
+    warning, for an image whose header does not read (as the class folder skips them)."""
     index = {tuple(b): k for k, b in enumerate(buckets)}
     out = np.empty((len(source),), np.int32)
+    names = getattr(source, "files", None)
     for i in range(len(source)):
-        size = tuple(source.size(i))
+        what = names[i] if names is not None else f"record {i}"
+        try:
+            size = tuple(source.size(i))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors on a bad file
+            log.warning("skipping unreadable image %s: %s", what, e)
+            out[i] = UNREADABLE
+            continue
         if size not in index:
-            name = getattr(source, "files", None)
-            what = name[i] if name is not None else f"record {i}"
             raise ValueError(f"image {what} is {size[0]}x{size[1]} (height x width), which is in "
                              f"no resolution bucket ({', '.join(f'{h}x{w}' for h, w in buckets)})")
         out[i] = index[size]
+    if (out == UNREADABLE).all():
+        raise ValueError("no image of the data set is readable")
     return out
 
 
@@ -130,6 +144,13 @@ def pack_row(texts: Sequence[SampleText], grids: Sequence[tuple[int, int]], spec
     return row
 
 
+def drop_slot(row: dict, slot: int) -> None:
+    """Zero every loss weight of sample ``slot`` of a packed row (its tokens stay in place)."""
+    row["text_weights"][row["segment_ids"] == slot + 1] = 0.0
+    row["slot_valid"][slot] = 0.0
+    row["block_valid"][slot] = 0.0
+
+
 def pack_greedy(lengths: Sequence[int], spec: RowSpec) -> list[list[int]]:
     """Consecutive samples into rows: a new row when the next one does not fit."""
     rows, current, used = [], [], 0
@@ -159,6 +180,7 @@ class PackedRows:
                  spec: RowSpec, patch_side: int, *, seed: int, load_sample):
         self.source, self.captions, self.bucket_of = source, list(captions), bucket_of
         self.grids, self.spec, self.patch_side = [tuple(g) for g in grids], spec, patch_side
+        # Unreadable records (bucket -1) get the last grid's layout here but are never packed.
         self.texts = [sample_tokenizer(c, *self.grids[b]) for c, b in zip(self.captions, bucket_of)]
         self.lengths = np.array([spec.sample_len(t, self.grids[b][0] * self.grids[b][1]
                                                  // spec.parallel_num)
@@ -223,11 +245,26 @@ class PackedRows:
         records = rows[row]
         out = pack_row([self.texts[r] for r in records], [self.grids[bucket]] * len(records),
                        self.spec, self.patch_side)
-        samples = [self.load_sample(r, bucket) for r in records]
-        for key in samples[0]:
-            first = samples[0][key]
-            slots = np.zeros((self.spec.max_samples,) + first.shape, first.dtype)
-            slots[:len(samples)] = np.stack([s[key] for s in samples])
+        samples = {}
+        for j, r in enumerate(records):
+            try:
+                samples[j] = self.load_sample(r, bucket)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors on a bad file
+                # The row's layout is planned from the image headers, so a file that does
+                # not decode (a truncated JPEG) cannot be swapped for another: its slot stays
+                # in place with every loss weight zeroed, and the run goes on.
+                name = getattr(self.source, "files", None)
+                log.warning("skipping unreadable image %s: %s",
+                            name[r] if name is not None else f"record {r}", e)
+                drop_slot(out, j)
+        if not samples:
+            raise ValueError(f"every image of packed row {row} of step {step} is unreadable "
+                             f"(records {records}); is the data set corrupt?")
+        first = next(iter(samples.values()))
+        for key in first:
+            slots = np.zeros((self.spec.max_samples,) + first[key].shape, first[key].dtype)
+            for j, sample in samples.items():
+                slots[j] = sample[key]
             out[key] = slots
         return out
 

@@ -42,21 +42,31 @@ class DigitsSource:
         return {"image": self.images[index], "label": self.labels[index]}
 
 
+def visible_walk(root: str):
+    """``os.walk`` without hidden folders (notebook checkpoints, caches, ``.git``)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        yield dirpath, dirnames, filenames
+
+
 class ImageFolderSource:
     """``root/<class>/<image>``; labels index the sorted class names. Decoding is lazy."""
 
     def __init__(self, root: str):
         if not os.path.isdir(root):
             raise ValueError(f"image folder {root!r} does not exist")
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        # Hidden folders (.ipynb_checkpoints, .cache) are not classes: counted as one, they
+        # would become class 0 and shift every label.
+        self.classes = sorted(d for d in os.listdir(root) if not d.startswith(".")
+                              and os.path.isdir(os.path.join(root, d)))
         if not self.classes:
             raise ValueError(f"image folder {root!r} has no class sub-directories "
                              "(expected the ImageNet train/<class>/<image> layout)")
         self.files, labels = [], []
         for label, name in enumerate(self.classes):
-            for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name))):
+            for dirpath, _, filenames in sorted(visible_walk(os.path.join(root, name))):
                 for f in sorted(filenames):
-                    if f.lower().endswith(IMAGE_EXTENSIONS):
+                    if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
                         self.files.append(os.path.join(dirpath, f))
                         labels.append(label)
         if not self.files:

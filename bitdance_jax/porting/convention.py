@@ -171,11 +171,14 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
 def read_json(path: str, what: str) -> dict:
     if not os.path.exists(path):
         raise PortingError(f"{what}: missing file {path}")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
+            data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PortingError(f"{what}: {path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise PortingError(f"{what}: {path} should hold a JSON object, found a {type(data).__name__}")
+    return data
 
 
 def abstract_params(module: nn.Module, *example_args, method=None, **kwargs):

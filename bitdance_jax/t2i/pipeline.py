@@ -136,6 +136,9 @@ class T2IPipeline:
         if num_images < 1 or num_sampling_steps < 1:
             raise ValueError(f"num_images and num_sampling_steps must be >= 1, got "
                              f"{num_images} and {num_sampling_steps}")
+        if not 0.0 <= guidance_scale < float("inf"):
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (<= 1: no "
+                             f"guidance), got {guidance_scale}")
         h, w = self.check_size(height, width)
         p_num = cfg.parallel_num
         image_steps = h * w // p_num

@@ -27,6 +27,13 @@ class PromptEntry:
     metadata: str | None = None
 
 
+def _lines(text: str) -> list[str]:
+    """Lines split at newlines only (the file is read with universal newlines):
+    ``str.splitlines`` also splits at U+2028, form feeds and other separators that occur
+    inside prompts, which would cut one prompt in two and shift every later id."""
+    return text.split("\n")
+
+
 def read_prompts_file(path: str) -> list[PromptEntry]:
     """A prompt set: ``.txt`` (one prompt per non-empty line), ``.json`` (DPG-Bench's
     ``{id: prompt}``, or a list of prompts or of ``{"prompt": ...}`` objects) or ``.jsonl``
@@ -49,7 +56,7 @@ def read_prompts_file(path: str) -> list[PromptEntry]:
                                        json.dumps(value) if isinstance(value, dict) else None))
     elif ext == ".jsonl":
         entries = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(_lines(text), 1):
             if not line.strip():
                 continue
             try:
@@ -61,7 +68,7 @@ def read_prompts_file(path: str) -> list[PromptEntry]:
             i = len(entries)
             entries.append(PromptEntry(i, str(i), value["prompt"].strip(), line.rstrip("\n") + "\n"))
     else:
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        lines = [line.strip() for line in _lines(text) if line.strip()]
         entries = [PromptEntry(i, str(i), line) for i, line in enumerate(lines)]
     if not entries:
         raise ValueError(f"prompts file {path} holds no prompts")

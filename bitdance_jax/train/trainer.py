@@ -50,6 +50,16 @@ def global_batch_size(config, mesh) -> int:
     return batch
 
 
+def check_intervals(config) -> None:
+    """Step intervals the loop divides by: caught here, not as a ZeroDivisionError mid-run."""
+    log_every, sample_every = config.log_every, config.sample_every
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"config.log_every must be a whole number of steps >= 1, got {log_every!r}")
+    if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 0:
+        raise ValueError(f"config.sample_every must be a whole number of steps >= 0 (0: only "
+                         f"the final grid), got {sample_every!r}")
+
+
 @dataclasses.dataclass
 class Trainer:
     """Everything built from a config: mesh, task, optimizer, shardings, jitted step."""
@@ -59,6 +69,7 @@ class Trainer:
 
     def __post_init__(self):
         c = self.config
+        check_intervals(c)
         self.mesh = self.mesh or sharding.make_mesh(tuple(c.mesh))
         self.task = make_task(c, self.workdir)
         self.global_batch = global_batch_size(c, self.mesh)

@@ -128,6 +128,10 @@ def test_cli_grid_and_resumable_npz(ported, tmp_path):
     np.testing.assert_array_equal(arr[2:], model.sample(
         labels[2:], seed=0, cfg_scale=2.0, num_sampling_steps=STEPS, sample_indices=[2, 3, 4]))
     assert sample_cli.main(["--ckpt", dst, "--class-ids", "1", "--out", grid, "--npz", npz]) == 2
+    inf_grid = str(tmp_path / "inf.png")   # used to write a NaN image and exit 0
+    assert sample_cli.main(["--ckpt", dst, "--class-ids", "1", "--cfg-scale", "inf",
+                            "--steps", str(STEPS), "--out", inf_grid]) == 2
+    assert not os.path.exists(inf_grid)
 
 
 def test_bad_input(ported):
@@ -137,8 +141,9 @@ def test_bad_input(ported):
         model.sample([config.num_classes], num_sampling_steps=STEPS)
     with pytest.raises(ValueError, match="unknown class id"):
         model.sample([-1], num_sampling_steps=STEPS)
-    with pytest.raises(ValueError, match="cfg_scale must be >= 1"):
-        model.sample([1], cfg_scale=0.5, num_sampling_steps=STEPS)
+    for cfg in (0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="cfg_scale must be a finite number >= 1"):
+            model.sample([1], cfg_scale=cfg, num_sampling_steps=STEPS)
     with pytest.raises(ValueError, match="square"):
         BitDanceConfig(dim=32, n_layer=1, n_head=2, diff_layers=1, diff_dim=64,
                        diff_adanln_layers=1, latent_dim=8, grid_size=4, parallel_num=8)

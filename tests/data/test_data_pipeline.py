@@ -64,6 +64,18 @@ def test_image_folder_layout_and_augmentation(tmp_path):
     assert any(not np.array_equal(imgs0[pos0[r]], imgs1[pos1[r]]) for r in range(12))
 
 
+def test_hidden_folders_are_not_classes(tmp_path):
+    """A notebook's ``.ipynb_checkpoints`` used to become class 0 and shift every label."""
+    root = write_folder(str(tmp_path / "train"))
+    for hidden in (os.path.join(root, ".ipynb_checkpoints"), os.path.join(root, CLASSES[0], ".cache")):
+        os.makedirs(hidden)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(hidden, "copy.png"))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(root, CLASSES[1], ".hidden.png"))
+    source = sources.ImageFolderSource(root)
+    assert source.classes == list(CLASSES) and len(source) == 12
+    assert list(source.labels) == [0] * 4 + [1] * 4 + [2] * 4
+
+
 def test_unreadable_image_is_skipped_with_a_warning(tmp_path, caplog):
     root = write_folder(str(tmp_path / "train"), broken="img_broken.png")
     source = sources.ImageFolderSource(root)

@@ -26,6 +26,19 @@ def _run(tmp_path, prompts_file, layout, *extra):
     return out_dir, (height, width)
 
 
+def test_prompt_lines_split_at_newlines_only(tmp_path):
+    """``str.splitlines`` also split at U+2028, U+0085 and form feeds inside a prompt, which
+    cut it in two and shifted every later id; Windows line ends still work."""
+    inside = "a cat\u2028on a mat\x0cwith \x85 a hat"
+    (tmp_path / "p.txt").write_text(f"{inside}\r\nsecond\n", encoding="utf-8", newline="")
+    assert [(e.id, e.prompt) for e in read_prompts_file(str(tmp_path / "p.txt"))] == \
+        [("0", inside), ("1", "second")]
+    line = json.dumps({"prompt": inside}, ensure_ascii=False)
+    (tmp_path / "p.jsonl").write_text(line + "\n" + json.dumps({"prompt": "b"}) + "\n",
+                                      encoding="utf-8")
+    assert [e.prompt for e in read_prompts_file(str(tmp_path / "p.jsonl"))] == [inside, "b"]
+
+
 def test_prompt_sets_in_every_format(tmp_path):
     (tmp_path / "a.txt").write_text("a red cube\n\n  a blue ball \n")
     (tmp_path / "dpg.json").write_text(json.dumps(PROMPTS))

@@ -338,6 +338,45 @@ def test_folder_source_and_bad_input(tokenizer_dir, tmp_path):
         T2ITask(tiny_config(tokenizer_dir, matmul_precision="exact"), str(tmp_path / "wd5"))
 
 
+def test_truncated_jpeg_in_a_caption_folder_is_skipped(tokenizer_dir, tmp_path, caplog):
+    """A truncated JPEG used to end the run with an OSError from the data workers; the class
+    folder already skipped such files. Its slot keeps its place with zero loss weights."""
+    root = str(tmp_path / "images")
+    os.makedirs(root)
+    rng = np.random.default_rng(0)
+    captions = {f"{k}.jpg": f"a picture number {k}" for k in range(4)}
+    for name in captions:
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(os.path.join(root, name))
+    for name, keep in (("1.jpg", 0.95), ("2.jpg", 0.2)):   # the scan cut; the header cut too
+        with open(os.path.join(root, name), "r+b") as f:
+            f.truncate(int(os.path.getsize(os.path.join(root, name)) * keep))
+    path = os.path.join(root, "captions.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"file": n, "caption": c}) + "\n" for n, c in captions.items())
+    config = tiny_config(tokenizer_dir, **{"data.source": "folder", "data.path": root,
+                                           "data.captions_file": path,
+                                           "data.max_samples_per_row": 3})
+    with caplog.at_level("WARNING"):
+        rows = T2ITask(config, str(tmp_path / "wd")).train_source()
+    assert "skipping unreadable image 2.jpg" in caplog.text   # never planned into a row
+    rows.batched(1)
+    seen_bad = 0
+    for step in range(len(rows.epoch_plan(0))):
+        for r in range(rows.global_batch):
+            _, records = rows.locate(step)
+            with caplog.at_level("WARNING"):
+                row = rows.row(step, r)
+            for j, record in enumerate(records[r]):
+                segment = row["segment_ids"] == j + 1
+                assert rows.source.files[record] != "2.jpg"
+                bad = rows.source.files[record] == "1.jpg"
+                seen_bad += bad
+                assert row["slot_valid"][j] == (0.0 if bad else 1.0)
+                assert row["block_valid"][j].any() == (not bad)
+                assert row["text_weights"][segment].any() == (not bad)
+    assert seen_bad and "skipping unreadable image 1.jpg" in caplog.text
+
+
 def test_matmul_precision_reaches_every_t2i_module(tokenizer_dir, tmp_path):
     model = T2ITask(tiny_config(tokenizer_dir, matmul_precision="highest"), str(tmp_path)).model
     assert model.llm.precision == model.head.precision == model.projector.precision == "highest"

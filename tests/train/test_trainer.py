@@ -199,6 +199,16 @@ def test_unknown_config_field_is_rejected(tmp_path):
     assert not os.listdir(tmp_path)  # nothing written for a rejected command
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--config.log_every=0", "config.log_every must be a whole number of steps >= 1, got 0"),
+    ("--config.sample_every=-5", "config.sample_every must be a whole number of steps >= 0")])
+def test_step_intervals_are_checked_before_the_run(tmp_path, capsys, override, message):
+    """``log_every=0`` used to end the run with a ZeroDivisionError traceback."""
+    cfg = os.path.join(REPO, "configs", "digits_tokenizer.py")
+    assert cli.main(["train", "--config", cfg, "--workdir", str(tmp_path), override]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_batch_not_divisible_by_data_axis():
     config = tiny_config(global_batch_size=12)
     with pytest.raises(ValueError, match="not divisible by the data axis"):
