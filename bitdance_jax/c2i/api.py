@@ -38,7 +38,8 @@ def save_model(dst: str, config: BitDanceConfig, params, tokenizer_config: Token
     ``scan_layers: false``), so it loads whatever layout the writer trained with.
     ``default_cfg_scale`` None: the released model's guidance, else 4.6 (``default_cfg_scale``
     of ``c2i.config``). The metadata records the tokenizer's params digest
-    (``tokenizer_params``, ``fingerprint.tree_digest``), the key of the latent cache it trained on."""
+    (``tokenizer_params``, ``fingerprint.tree_digest``): the key of the latent cache it
+    trained on."""
     params = to_unscanned(params, config)
     config = dataclasses.replace(config, scan_layers=False)
     name = released_name(config)

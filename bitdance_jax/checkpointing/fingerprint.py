@@ -110,5 +110,6 @@ def numerics(dtype, precision) -> dict:
     """The numerics a sampler's bytes depend on: compute policy, matmul precision, backend."""
     from bitdance_jax.nn.precision import lax_precision, policy_name
     p = lax_precision(precision)
-    return {"dtype": policy_name(dtype), "matmul_precision": "default" if p is None else p.name.lower(),
+    return {"dtype": policy_name(dtype),
+            "matmul_precision": "default" if p is None else p.name.lower(),
             "backend": jax.default_backend()}

@@ -131,7 +131,8 @@ def crop_variant(image: np.ndarray, size: int, record: int, crop: int, *,
 
 def build_class_cache(source, encode_fn: Callable[[np.ndarray], np.ndarray], cache_dir: str, *,
                       image_size: int, num_classes: int, tokenizer_config: dict,
-                      tokenizer_digest: str, with_flips: bool = True, crops: int = 1, min_crop_frac: float = 1.0,
+                      tokenizer_digest: str, with_flips: bool = True, crops: int = 1,
+                      min_crop_frac: float = 1.0,
                       chunk: int = 64) -> LatentCacheSource:
     """Cache of a class-labelled source: ``crops`` crops of each record (the centre crop, then
     ``crops - 1`` random ones covering ``[min_crop_frac, 1]`` of the smaller side), each also

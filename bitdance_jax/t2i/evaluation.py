@@ -112,9 +112,9 @@ def prepare_out_dir(out_dir: str, entries: Sequence[PromptEntry], layout: str, n
     if not os.path.isfile(manifest):
         done = [e for e in entries if os.path.isfile(final_path(out_dir, e, layout, num_images))]
         if done:
-            raise ValueError(f"{out_dir} holds images ({final_path(out_dir, done[0], layout, num_images)}"
-                             f", ...) of a run with unknown settings (no {MANIFEST}); remove "
-                             "them or use another --out-dir")
+            first = final_path(out_dir, done[0], layout, num_images)
+            raise ValueError(f"{out_dir} holds images ({first}, ...) of a run with unknown "
+                             f"settings (no {MANIFEST}); remove them or use another --out-dir")
     fingerprint.check_or_write_manifest(manifest, run, what=out_dir)
 
 

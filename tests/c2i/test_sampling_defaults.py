@@ -109,7 +109,8 @@ def test_guidance_default_of_unpublished_models(tmp_path, params, tokenizer_para
     assert "note:" in capsys.readouterr().out
     assert param_dir.read_meta(plain)["default_cfg_scale"] == 4.6
     # the export names the tokenizer its latents came from (the latent cache's key)
-    assert param_dir.read_meta(plain)["tokenizer_params"] == fingerprint.tree_digest(tokenizer_params)
+    assert (param_dir.read_meta(plain)["tokenizer_params"]
+            == fingerprint.tree_digest(tokenizer_params))
     assert api.load_model(plain).default_cfg_scale == 4.6
     chosen = save(tmp_path / "chosen", params, tokenizer_params, default_cfg_scale=2.5)
     capsys.readouterr()

@@ -59,8 +59,8 @@ def test_prompt_sets_in_every_format(tmp_path):
         read_prompts_file(str(tmp_path / "bad.json"))
 
 
-@pytest.mark.parametrize("key", ["../../escaped", "/abs/path", "sub/name", "a\\b", "..", ".hidden", "",
-                                 "nul\0"])
+@pytest.mark.parametrize("key", ["../../escaped", "/abs/path", "sub/name", "a\\b", "..", ".hidden",
+                                 "", "nul\0"])
 def test_prompt_ids_that_are_not_plain_names_are_refused(tmp_path, key):
     """A DPG-Bench id names ``<out_dir>/<id>.png``: a downloaded file must not write elsewhere."""
     (tmp_path / "p.json").write_text(json.dumps({"ok": "a red cube", key: "a blue ball"}))
