@@ -9,7 +9,8 @@ settings skips the chunks already there (``run.json`` records the settings, the 
 digest of the weights; a rerun with other ones is refused, and a torn chunk is sampled again).
 Sample g has class g // (N / num_classes) (balanced, in order, as the reference's FID
 script; classes cycle when N < num_classes) and its noise depends only on (seed, g), so the
-result does not depend on chunking, device count or process count. The .npz is written byte-reproducibly (fixed zip timestamps).
+result does not depend on chunking, device count or process count. The .npz is written
+byte-reproducibly (fixed zip timestamps).
 
 Several processes (``--coordinator/--num-processes/--process-id``, or a SLURM / Open MPI /
 TPU VM launch, as for the trainer) split every chunk: each samples its share on its own
