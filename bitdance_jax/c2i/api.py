@@ -20,7 +20,7 @@ from bitdance_jax.c2i import sampler
 from bitdance_jax.c2i import config as c2i_config
 from bitdance_jax.c2i.config import DEFAULT_CFG_SCALES, BitDanceConfig, released_name
 from bitdance_jax.c2i.model import to_unscanned
-from bitdance_jax.checkpointing import param_dir
+from bitdance_jax.checkpointing import fingerprint, param_dir
 from bitdance_jax.nn.precision import PrecisionLike
 from bitdance_jax.parallel import sharding
 from bitdance_jax.tokenizer.api import Tokenizer
@@ -37,13 +37,16 @@ def save_model(dst: str, config: BitDanceConfig, params, tokenizer_config: Token
     the layer layout of ``config``. The directory always holds the unscanned layout (and says
     ``scan_layers: false``), so it loads whatever layout the writer trained with.
     ``default_cfg_scale`` None: the released model's guidance, else 4.6 (``default_cfg_scale``
-    of ``c2i.config``)."""
+    of ``c2i.config``). The metadata records the tokenizer's params digest
+    (``tokenizer_params``, ``fingerprint.tree_digest``): the key of the latent cache it
+    trained on."""
     params = to_unscanned(params, config)
     config = dataclasses.replace(config, scan_layers=False)
     name = released_name(config)
     if default_cfg_scale is None:
         default_cfg_scale = c2i_config.default_cfg_scale(name)
     extra = {"tokenizer": tokenizer_config.to_dict(), "source": source,
+             "tokenizer_params": fingerprint.tree_digest(params["tokenizer"]),
              "released_name": name, "default_cfg_scale": float(default_cfg_scale)}
     return param_dir.save_param_dir(dst, KIND, config.to_dict(), params, overwrite=overwrite,
                                      extra=extra)

@@ -5,10 +5,12 @@
 
 The ``--npz`` path writes uint8 NHWC ``arr_0`` (the ADM evaluation suite's format). It runs
 in chunks of ``--batch-size`` images saved under ``<npz>.parts/``; a rerun with the same
-settings skips the chunks already there. Sample g has class g // (N / num_classes) (balanced,
-in order, as the reference's FID script; classes cycle when N < num_classes) and its noise
-depends only on (seed, g), so the result does not depend on chunking, device count or process
-count. The .npz is written byte-reproducibly (fixed zip timestamps).
+settings skips the chunks already there (``run.json`` records the settings, the numerics and a
+digest of the weights; a rerun with other ones is refused, and a torn chunk is sampled again).
+Sample g has class g // (N / num_classes) (balanced, in order, as the reference's FID
+script; classes cycle when N < num_classes) and its noise depends only on (seed, g), so the
+result does not depend on chunking, device count or process count. The .npz is written
+byte-reproducibly (fixed zip timestamps).
 
 Several processes (``--coordinator/--num-processes/--process-id``, or a SLURM / Open MPI /
 TPU VM launch, as for the trainer) split every chunk: each samples its share on its own
@@ -19,7 +21,6 @@ devices, the shares are gathered, and process 0 writes the chunk, the manifest a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -30,6 +31,7 @@ import numpy as np
 from bitdance_jax import images as image_lib
 from bitdance_jax.hub import HubError
 from bitdance_jax.c2i.api import DEFAULT_SAMPLING_STEPS, load_model
+from bitdance_jax.checkpointing import fingerprint
 from bitdance_jax.nn.precision import DTYPES, MATMUL_PRECISIONS
 from bitdance_jax.parallel import distributed
 
@@ -89,27 +91,46 @@ def sample_npz(model, out: str, num_samples: int, *, seed: int, cfg_scale: float
     labels = (np.resize(np.asarray(class_ids, np.int32), num_samples) if class_ids
               else fid_class_labels(num_samples, model.config.num_classes))
     parts = out + ".parts"
-    run = {"num_samples": num_samples, "seed": seed, "cfg_scale": cfg_scale, "steps": steps,
-           "batch_size": batch_size, "labels_sum": int(labels.astype(np.int64).sum()),
-           "config": model.config.to_dict()}
     manifest = os.path.join(parts, PARTS_MANIFEST)
     num_chunks = -(-num_samples // batch_size)
     chunk_path = lambda k: os.path.join(parts, f"chunk_{k:06d}.npy")
+    chunk_shape = lambda k: (min(batch_size, num_samples - k * batch_size),
+                             model.image_size, model.image_size, 3)
 
     def prepare():  # process 0: the manifest, written once (others learn of its errors)
-        if os.path.isdir(parts) and os.path.exists(manifest):
-            with open(manifest) as f:
-                if json.load(f) != run:
-                    raise ValueError(f"{parts} holds chunks of a run with other settings; "
-                                     "remove it or sample to another file")
+        if (os.path.isdir(parts) and not os.path.exists(manifest)
+                and any(f.startswith("chunk_") for f in os.listdir(parts))):
+            raise ValueError(f"{parts} holds chunks but no {PARTS_MANIFEST} (settings unknown); "
+                             "remove it or sample to another file")
+        run = {"num_samples": num_samples, "seed": seed, "cfg_scale": cfg_scale, "steps": steps,
+               "batch_size": batch_size, "class_ids": None if not class_ids else
+               [int(c) for c in class_ids], "labels": fingerprint.bytes_digest(labels.tobytes()),
+               "config": model.config.to_dict(),
+               "params": fingerprint.tree_digest({**model.params,
+                                                  "tokenizer": model.tokenizer.params}),
+               **fingerprint.numerics(model.sampler.dtype, model.sampler.precision)}
         os.makedirs(parts, exist_ok=True)
-        with open(manifest, "w") as f:
-            json.dump(run, f)
+        fingerprint.check_or_write_manifest(manifest, run, what=parts)
+
+    def chunk_done(k: int) -> bool:  # process 0: a chunk that is there and whole
+        path = chunk_path(k)
+        if not os.path.exists(path):
+            return False
+        try:
+            arr = np.load(path, mmap_mode="r")
+            ok = arr.shape == chunk_shape(k) and arr.dtype == np.uint8
+        except (OSError, ValueError, EOFError):
+            ok = False
+        if not ok:
+            print(f"warning: {path} is torn or of another shape; sampling it again",
+                  file=sys.stderr)
+            os.remove(path)
+        return ok
 
     distributed.run_once("sample_npz.prepare", prepare)
     main, me, n = distributed.is_main(), distributed.process_index(), distributed.process_count()
     # What is left to do, as process 0 sees it (the parts may live on its disk only).
-    done_mask = np.array([main and os.path.exists(chunk_path(k)) for k in range(num_chunks)])
+    done_mask = np.array([main and chunk_done(k) for k in range(num_chunks)])
     todo = [k for k, done in enumerate(_broadcast_from_main(done_mask)) if not done]
     from tqdm import tqdm
     bar = tqdm(total=num_samples, initial=num_samples - sum(
@@ -129,7 +150,10 @@ def sample_npz(model, out: str, num_samples: int, *, seed: int, cfg_scale: float
         imgs = _gather(imgs)[:count]
         if main:
             tmp = chunk_path(k) + ".tmp.npy"
-            np.save(tmp, imgs)
+            with open(tmp, "wb") as f:  # on disk before the rename makes it count as done
+                np.save(f, imgs)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, chunk_path(k))
         bar.update(count)
     bar.close()

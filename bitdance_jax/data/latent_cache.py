@@ -2,7 +2,8 @@
 
 A cache is a directory of ``.npy`` arrays (int8 {-1, +1} latents plus per-record extras such as
 labels) and ``latent_cache.json``, the description it was built for (records, image sizes,
-crops, the tokenizer's config). The class-conditional cache keeps several crops (and their
+crops, the tokenizer's config and a digest of its params: a retrained tokenizer of the same
+config is another cache). The class-conditional cache keeps several crops (and their
 mirrors) of every image so that training still sees a different crop each epoch. Process 0
 encodes; it writes under a temporary name and renames, so a cache that exists is complete. The
 other processes wait for it (``distributed.run_once``), then every process opens it read-only.
@@ -17,6 +18,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from bitdance_jax.checkpointing import fingerprint
 from bitdance_jax.checkpointing.atomic import atomic_write
 from bitdance_jax.data.augment import center_crop, random_crop
 from bitdance_jax.parallel import distributed
@@ -78,7 +80,8 @@ def open_cache(cache_dir: str, expected_meta: dict | None = None) -> dict[str, n
         meta = json.load(f)
     if expected_meta is not None and meta != expected_meta:
         raise ValueError(f"latent cache {cache_dir} was built for other records, sizes, crops or "
-                         f"tokenizer ({meta}); remove it or set data.cache_dir")
+                         f"tokenizer ({'; '.join(fingerprint.differences(meta, expected_meta))}); "
+                         "remove it or set data.cache_dir")
     names = [f[:-4] for f in sorted(os.listdir(cache_dir)) if f.endswith(".npy")]
     out = {"meta": meta}
     for name in names:
@@ -128,11 +131,13 @@ def crop_variant(image: np.ndarray, size: int, record: int, crop: int, *,
 
 def build_class_cache(source, encode_fn: Callable[[np.ndarray], np.ndarray], cache_dir: str, *,
                       image_size: int, num_classes: int, tokenizer_config: dict,
-                      with_flips: bool = True, crops: int = 1, min_crop_frac: float = 1.0,
+                      tokenizer_digest: str, with_flips: bool = True, crops: int = 1,
+                      min_crop_frac: float = 1.0,
                       chunk: int = 64) -> LatentCacheSource:
     """Cache of a class-labelled source: ``crops`` crops of each record (the centre crop, then
     ``crops - 1`` random ones covering ``[min_crop_frac, 1]`` of the smaller side), each also
-    mirrored when ``with_flips``, encoded by ``encode_fn`` (uint8 [B,H,W,3] -> {-1,+1} [B,h,w,C]).
+    mirrored when ``with_flips``, encoded by ``encode_fn`` (uint8 [B,H,W,3] -> {-1,+1} [B,h,w,C]),
+    the tokenizer whose params have ``tokenizer_digest`` (``fingerprint.tree_digest``).
     Stored as ``[records, crops * flips, h, w, C]`` (variant ``crop * flips + flip``)."""
     if crops < 1:
         raise ValueError(f"data.cache_crops must be >= 1, got {crops}")
@@ -155,6 +160,7 @@ def build_class_cache(source, encode_fn: Callable[[np.ndarray], np.ndarray], cac
     n = len(source)
     meta = {"num_records": n, "num_classes": num_classes, "image_size": image_size,
             "with_flips": with_flips, "tokenizer": tokenizer_config,
+            "tokenizer_params": tokenizer_digest,
             "crops": {"count": crops, "seed": CROP_SEED,
                       "min_crop_frac": min_crop_frac if crops > 1 else None}}
     chunks = (np.arange(s, min(n, s + chunk)) for s in range(0, n, chunk))

@@ -38,6 +38,11 @@ def run_prompt_set(pipe, entries, args) -> list[str]:
     """Sample this process's pending prompts in batches and write them in ``args.layout``."""
     import jax
     from tqdm import tqdm
+    distributed.run_once("t2i_prompt_set.prepare", lambda: evaluation.prepare_out_dir(
+        args.out_dir, entries, args.layout, args.num_images, evaluation.run_fingerprint(
+            pipe, entries, layout=args.layout, height=args.height, width=args.width,
+            steps=args.steps, guidance_scale=args.guidance_scale, num_images=args.num_images,
+            seed=args.seed)))
     mine = evaluation.process_share(entries, jax.process_index(), jax.process_count())
     todo = evaluation.pending(mine, args.out_dir, args.layout, args.num_images)
     written = []
@@ -51,11 +56,11 @@ def run_prompt_set(pipe, entries, args) -> list[str]:
                                    guidance_scale=args.guidance_scale,
                                    num_images=args.num_images,
                                    noise_source=evaluation.per_prompt_noise(seeds, args.num_images))
-        images = image_lib.to_uint8_like_reference(pipe.decode_latents(bits, seed=seeds[0]))
-        for k, entry in enumerate(chunk):
-            written += evaluation.write_prompt(
-                args.out_dir, entry, images[k * args.num_images:(k + 1) * args.num_images],
-                args.layout)
+        n = args.num_images
+        for k, entry in enumerate(chunk):  # decoded per prompt: a GAN decoder's noise from its seed
+            images = image_lib.to_uint8_like_reference(
+                pipe.decode_latents(bits[k * n:(k + 1) * n], seed=seeds[k]))
+            written += evaluation.write_prompt(args.out_dir, entry, images, args.layout)
         bar.update(len(chunk))
     bar.close()
     return written
@@ -119,7 +124,8 @@ def main(argv=None) -> int:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 im.save(path)
                 written.append(path)
-    except (ValueError, FileNotFoundError, PortingError, CheckpointError, HubError) as e:
+    except (ValueError, FileNotFoundError, PortingError, CheckpointError, HubError,
+            distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({"images": len(written), "first": written[0] if written else None}))

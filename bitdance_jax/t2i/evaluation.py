@@ -11,6 +11,9 @@ Layouts, for ``num_images`` images per prompt:
 Every file is written under a temporary name and renamed, and a prompt counts as done once its
 last file exists, so a rerun after an interruption resumes from the first prompt not done.
 Prompt ``i`` is sampled from seed ``seed + i`` whatever the batch size or process count.
+``<out_dir>/.bitdance_run.json`` records what the images depend on (a digest of the weights and
+of the prompt set, the numerics, size, steps, guidance, images per prompt, seed and layout): a
+rerun with any of them changed is refused rather than mixed with the images already there.
 """
 from __future__ import annotations
 
@@ -22,10 +25,12 @@ import numpy as np
 from PIL import Image
 
 from bitdance_jax import images as image_lib
+from bitdance_jax.checkpointing import fingerprint
 from bitdance_jax.checkpointing.atomic import atomic_write
 from bitdance_jax.t2i.prompts import PromptEntry
 
 LAYOUTS = ("flat", "dpg", "geneval")
+MANIFEST = ".bitdance_run.json"  # hidden: the benchmarks' readers list the folder
 GRID_COLUMNS = 2
 
 
@@ -84,6 +89,33 @@ def pending(entries: Sequence[PromptEntry], out_dir: str, layout: str,
     """The entries whose outputs are not complete yet."""
     return [e for e in entries
             if not os.path.isfile(final_path(out_dir, e, layout, num_images))]
+
+
+def run_fingerprint(pipe, entries: Sequence[PromptEntry], *, layout: str, height: int,
+                    width: int, steps: int, guidance_scale: float, num_images: int,
+                    seed: int) -> dict:
+    """Everything a prompt set's images depend on (the batch size and process count do not)."""
+    prompts = json.dumps([[e.index, e.id, e.prompt, e.metadata] for e in entries])
+    return {"layout": layout, "height": height, "width": width, "steps": steps,
+            "guidance_scale": guidance_scale, "num_images": num_images, "seed": seed,
+            "prompts": fingerprint.bytes_digest(prompts.encode()),
+            "params": fingerprint.tree_digest(pipe.params),
+            "text_tokenizer": fingerprint.file_digest(pipe.text_tokenizer.path),
+            **fingerprint.numerics(pipe.dtype, pipe.precision)}
+
+
+def prepare_out_dir(out_dir: str, entries: Sequence[PromptEntry], layout: str, num_images: int,
+                    run: dict) -> None:
+    """Check ``out_dir``'s manifest against ``run`` (refusing other settings), or write it;
+    images that are there without one are of unknown settings, and refused."""
+    manifest = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(manifest):
+        done = [e for e in entries if os.path.isfile(final_path(out_dir, e, layout, num_images))]
+        if done:
+            first = final_path(out_dir, done[0], layout, num_images)
+            raise ValueError(f"{out_dir} holds images ({first}, ...) of a run with unknown "
+                             f"settings (no {MANIFEST}); remove them or use another --out-dir")
+    fingerprint.check_or_write_manifest(manifest, run, what=out_dir)
 
 
 def per_prompt_noise(seeds: Sequence[int], num_images: int):

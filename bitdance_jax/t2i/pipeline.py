@@ -81,6 +81,7 @@ class T2IPipeline:
         self.params = params
         self.text_tokenizer = text_tokenizer
         self.dtype = dtype = resolve_dtype(dtype)
+        self.precision = precision
         kw = dict(dtype=dtype, precision=precision)
         self.llm = qwen3.Qwen3ForCausalLM(config.llm, attention_impl=attention_impl, **kw)
         self.head = DiffusionNet(config.head, attention_impl=attention_impl, **kw)

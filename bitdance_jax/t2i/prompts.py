@@ -26,6 +26,16 @@ class PromptEntry:
     prompt: str
     metadata: str | None = None
 
+    def __post_init__(self):
+        # The id names a file in the output folder (DPG-Bench's ``<id>.png``), and benchmark
+        # files are downloaded: it must be a plain name, never a path.
+        bad = ("empty" if not self.id else
+               "a path" if any(c in self.id for c in "/\\\0") or os.path.isabs(self.id) else
+               "hidden or relative" if self.id.startswith(".") else None)
+        if bad:
+            raise ValueError(f"prompt id {self.id!r} is {bad}; ids must be plain file names "
+                             "(no separators, no leading '.')")
+
 
 def _lines(text: str) -> list[str]:
     """Lines split at newlines only (the file is read with universal newlines):
@@ -52,8 +62,11 @@ def read_prompts_file(path: str) -> list[PromptEntry]:
             prompt = value.get("prompt") if isinstance(value, dict) else value
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"prompts file {path}: entry {key!r} has no prompt text")
-            entries.append(PromptEntry(i, str(key), prompt.strip(),
-                                       json.dumps(value) if isinstance(value, dict) else None))
+            try:
+                entries.append(PromptEntry(i, str(key), prompt.strip(),
+                                           json.dumps(value) if isinstance(value, dict) else None))
+            except ValueError as e:
+                raise ValueError(f"prompts file {path}: {e}") from None
     elif ext == ".jsonl":
         entries = []
         for n, line in enumerate(_lines(text), 1):

@@ -134,6 +134,50 @@ def test_cli_grid_and_resumable_npz(ported, tmp_path):
     assert not os.path.exists(inf_grid)
 
 
+
+def test_npz_resume_refuses_other_settings_or_weights_and_redoes_torn_chunks(ported, tmp_path,
+                                                                              capsys):
+    """The parts record the weights, numerics, class list and sampling settings; a resume
+    with any of them changed is refused (nothing is sampled here: ``max_chunks=0``)."""
+    dst, _ = ported
+    model = load_model(dst, dtype="float32")
+    npz = str(tmp_path / "s.npz")
+    kw = dict(seed=0, cfg_scale=2.0, steps=STEPS, batch_size=2, max_chunks=0, progress=False)
+    assert sample_cli.sample_npz(model, npz, 4, class_ids=[1, 2], **kw) is None
+    sample_cli.sample_npz(model, npz, 4, class_ids=[1, 2], **kw)  # the same run resumes
+    other = load_model(dst, dtype="float32")
+    other.params = jax.tree.map(np.copy, other.params)
+    leaf = jax.tree.leaves(other.params)[0]
+    leaf.flat[0] += 1.0
+    for changed, message in [
+            (dict(model=model, class_ids=[2, 1]), r"class_ids: \[1, 2\] -> \[2, 1\]"),
+            (dict(model=load_model(dst, dtype="bfloat16"), class_ids=[1, 2]),
+             'dtype: "float32" -> "bf16-mixed"'),
+            (dict(model=load_model(dst, dtype="float32", precision="highest"), class_ids=[1, 2]),
+             'matmul_precision: "default" -> "highest"'),
+            (dict(model=other, class_ids=[1, 2]), "params: "),
+            (dict(model=model, class_ids=[1, 2], seed=1), "seed: 0 -> 1")]:
+        args = {**kw, **changed}
+        with pytest.raises(ValueError, match=message):
+            sample_cli.sample_npz(args.pop("model"), npz, 4, **args)
+    # A chunk cut short (or of another shape) is found when resuming, and sampled again.
+    parts = npz + ".parts"
+    chunk = os.path.join(parts, "chunk_000000.npy")
+    size = model.image_size
+    np.save(chunk, np.zeros((2, size, size, 3), np.uint8))
+    with open(chunk, "r+b") as f:
+        f.truncate(os.path.getsize(chunk) - 5)
+    np.save(os.path.join(parts, "chunk_000001.npy"), np.zeros((3, size, size, 3), np.uint8))
+    capsys.readouterr()
+    sample_cli.sample_npz(model, npz, 4, class_ids=[1, 2], **kw)
+    assert capsys.readouterr().err.count("is torn or of another shape") == 2
+    assert sorted(os.listdir(parts)) == [sample_cli.PARTS_MANIFEST]
+    # Chunks whose settings are unknown are not adopted.
+    os.remove(os.path.join(parts, sample_cli.PARTS_MANIFEST))
+    np.save(chunk, np.zeros((2, size, size, 3), np.uint8))
+    with pytest.raises(ValueError, match="holds chunks but no run.json"):
+        sample_cli.sample_npz(model, npz, 4, class_ids=[1, 2], **kw)
+
 def test_bad_input(ported):
     dst, config = ported
     model = load_model(dst)

@@ -18,7 +18,7 @@ from bitdance_jax.c2i.config import (DEFAULT_CFG_SCALES, FALLBACK_CFG_SCALE, REL
                                      BitDanceConfig, default_cfg_scale)
 from bitdance_jax.c2i.model import init_params
 from bitdance_jax.c2i.sampler import Sampler
-from bitdance_jax.checkpointing import param_dir
+from bitdance_jax.checkpointing import fingerprint, param_dir
 from bitdance_jax.configs.common import imagenet_bitdance
 from bitdance_jax.nn import precision
 from bitdance_jax.parallel import sharding
@@ -108,6 +108,9 @@ def test_guidance_default_of_unpublished_models(tmp_path, params, tokenizer_para
     plain = save(tmp_path / "plain", params, tokenizer_params)
     assert "note:" in capsys.readouterr().out
     assert param_dir.read_meta(plain)["default_cfg_scale"] == 4.6
+    # the export names the tokenizer its latents came from (the latent cache's key)
+    assert (param_dir.read_meta(plain)["tokenizer_params"]
+            == fingerprint.tree_digest(tokenizer_params))
     assert api.load_model(plain).default_cfg_scale == 4.6
     chosen = save(tmp_path / "chosen", params, tokenizer_params, default_cfg_scale=2.5)
     capsys.readouterr()

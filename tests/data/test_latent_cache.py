@@ -4,7 +4,9 @@ the rejection of a cache built with other settings.
 
 A stand-in encoder (2x2-pooled brightness signs) replaces the frozen tokenizer, so the file is fast.
 """
+import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -40,7 +42,8 @@ class Noise:
 
 
 def build(cache_dir, source, **kw):
-    kw = {"with_flips": True, "crops": 4, "min_crop_frac": 0.5, **kw}
+    kw = {"with_flips": True, "crops": 4, "min_crop_frac": 0.5, "tokenizer_digest": "sha256:pool",
+          **kw}
     return latent_cache.build_class_cache(source, encode, str(cache_dir), image_size=SIZE,
                                           num_classes=10, tokenizer_config={"name": "pooling"},
                                           chunk=5, **kw)
@@ -134,44 +137,92 @@ def test_single_crop_cache_keeps_the_old_layout_and_draw(tmp_path):
 def test_cache_built_with_other_settings_is_rejected(tmp_path):
     few = Noise(6)
     build(tmp_path / "c", few, crops=2)
-    for other in ({"crops": 3}, {"crops": 2, "min_crop_frac": 0.7}, {"crops": 2, "with_flips": False}):
-        with pytest.raises(ValueError, match="built for other records, sizes, crops or tokenizer"):
+    for other, diff in [({"crops": 3}, "crops.count: 2 -> 3"),
+                        ({"crops": 2, "min_crop_frac": 0.7}, "crops.min_crop_frac: 0.5 -> 0.7"),
+                        ({"crops": 2, "with_flips": False}, "with_flips: true -> false"),
+                        # a retrained tokenizer of the same config
+                        ({"crops": 2, "tokenizer_digest": "sha256:new"},
+                         'tokenizer_params: "sha256:pool" -> "sha256:new"')]:
+        with pytest.raises(ValueError, match="built for other records, sizes, crops") as e:
             build(tmp_path / "c", few, **other)
+        assert diff in str(e.value)
     with pytest.raises(ValueError, match="needs random crops"):
         build(tmp_path / "d", few, crops=2, min_crop_frac=1.0)
     with pytest.raises(ValueError, match="not a latent cache"):
         latent_cache.LatentCacheSource(str(tmp_path))
 
 
-def test_single_crop_cache_warns_once(tmp_path, caplog):
-    """The trainer's source: a one-crop cache with random crops configured warns, once."""
+def _zero_tokenizer(dst, offset=0.0):
+    """A tiny tokenizer directory (constant params) and its params digest."""
     import jax
     import jax.numpy as jnp
     from flax import linen as nn
-    from bitdance_jax.configs.common import base_config
+    from bitdance_jax.checkpointing import fingerprint
     from bitdance_jax.tokenizer.api import save_tokenizer
     from bitdance_jax.tokenizer.model import BinaryAutoencoder, TokenizerConfig
-    from bitdance_jax.train.tasks.c2i import BitDanceTask
 
     cfg = TokenizerConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=3, num_codebooks=1)
     shapes = jax.eval_shape(BinaryAutoencoder(cfg).init, jax.random.PRNGKey(0),
                             jnp.zeros((1, SIZE, SIZE, 3)))["params"]  # only its sizes matter here
-    params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nn.unbox(shapes))
-    tok_dir = save_tokenizer(str(tmp_path / "tok"), cfg, params)
-    build(tmp_path / "one", Noise(6), crops=1, min_crop_frac=1.0)
-    build(tmp_path / "four", Noise(6), crops=4, min_crop_frac=0.5)
+    params = jax.tree.map(lambda a: np.full(a.shape, offset, a.dtype), nn.unbox(shapes))
+    return (save_tokenizer(str(dst), cfg, params, overwrite=True),
+            fingerprint.tree_digest(params))
+
+
+def _task(tmp_path, tok_dir, **data):
+    from bitdance_jax.configs.common import base_config
+    from bitdance_jax.train.tasks.c2i import BitDanceTask
+    c = base_config("bitdance")
+    c.tokenizer_dir = tok_dir
+    c.model.num_classes = 10
+    c.data.update(dict(image_size=SIZE, **data))
+    return BitDanceTask(c, str(tmp_path))
+
+
+def test_single_crop_cache_warns_once(tmp_path, caplog):
+    """The trainer's source: a one-crop cache with random crops configured warns, once."""
+
+    tok_dir, digest = _zero_tokenizer(tmp_path / "tok")
+    build(tmp_path / "one", Noise(6), crops=1, min_crop_frac=1.0, tokenizer_digest=digest)
+    build(tmp_path / "four", Noise(6), crops=4, min_crop_frac=0.5, tokenizer_digest=digest)
 
     def messages(cache, min_crop_frac):
-        c = base_config("bitdance")
-        c.tokenizer_dir = tok_dir
-        c.model.num_classes = 10
-        c.data.update(dict(source="latent_cache", cache_dir=str(tmp_path / cache),
-                           image_size=SIZE, min_crop_frac=min_crop_frac, random_flip=True))
+        task = _task(tmp_path, tok_dir, source="latent_cache", cache_dir=str(tmp_path / cache),
+                     min_crop_frac=min_crop_frac, random_flip=True)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="bitdance_jax"):
-            BitDanceTask(c, str(tmp_path)).train_source()
+            task.train_source()
         return [r.getMessage() for r in caplog.records if "single crop" in r.getMessage()]
 
     assert len(messages("one", 0.8)) == 1
     assert messages("one", 1.0) == []   # no random crops asked for: nothing lost
     assert messages("four", 0.5) == []
+
+
+def test_cache_of_a_retrained_tokenizer_is_refused(tmp_path, monkeypatch, caplog):
+    """The cache is keyed on the tokenizer's params, not only its config: retraining it (same
+    config, new weights) at ``tokenizer_dir`` must not reuse the old latents, whether the task
+    builds the cache (``cache_latents``) or is given it (``source='latent_cache'``)."""
+    from bitdance_jax.train.tasks import c2i as c2i_task
+    monkeypatch.setattr(c2i_task, "make_source", lambda c: Noise(6))
+    tok_dir, digest = _zero_tokenizer(tmp_path / "tok")
+    cache = str(tmp_path / "cache")
+    built = _task(tmp_path, tok_dir, cache_latents=True, cache_dir=cache).train_source()
+    assert built.meta["tokenizer_params"] == digest
+    _, new_digest = _zero_tokenizer(tmp_path / "tok", offset=0.5)   # retrained in place
+    with pytest.raises(ValueError, match="tokenizer_params: .* -> "):
+        _task(tmp_path, tok_dir, cache_latents=True, cache_dir=cache).train_source()
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=f"encoded by another tokenizer \\({digest}\\) than "
+                                         f"{tok_dir} \\({new_digest}\\)"):
+        _task(tmp_path, tok_dir, source="latent_cache", cache_dir=cache).train_source()
+    # A cache from before digests were recorded cannot be checked: it is used, with a warning.
+    meta_path = os.path.join(cache, latent_cache.META_FILE)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["tokenizer_params"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    with caplog.at_level(logging.WARNING, logger="bitdance_jax"):
+        _task(tmp_path, tok_dir, source="latent_cache", cache_dir=cache).train_source()
+    assert "records no tokenizer digest" in caplog.text

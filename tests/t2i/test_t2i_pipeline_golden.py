@@ -309,7 +309,7 @@ def test_cli_prompts_file(tmp_path, capsys):
                    "--height", str(height), "--width", str(width), "--steps", "1",
                    "--guidance-scale", "1.0", "--dtype", "bfloat16", "--batch-size", "2"])
     assert rc == 0
-    assert sorted(os.listdir(out_dir)) == ["00000.png", "00001.png"]
+    assert sorted(os.listdir(out_dir)) == [".bitdance_run.json", "00000.png", "00001.png"]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     assert t2i_cli.main(["--ckpt", _model_dir(), "--prompts-file", str(empty), "--out-dir",

@@ -14,7 +14,8 @@ import pytest
 from flax import linen as nn
 from PIL import Image
 
-from bitdance_jax.checkpointing.param_dir import load_param_dir
+from bitdance_jax.checkpointing import fingerprint
+from bitdance_jax.checkpointing.param_dir import load_param_dir, read_meta
 from bitdance_jax.configs.common import t2i_base_config
 from bitdance_jax.data import captions as caption_sources
 from bitdance_jax.data import packing
@@ -268,6 +269,8 @@ def test_training_lowers_loss_resumes_and_exports(tokenizer_dir, tmp_path):
     assert after < 0.8 * before
 
     pipe = load_t2i(straight["export"])
+    assert read_meta(straight["export"])["tokenizer_params"] == \
+        fingerprint.tree_digest(load_param_dir(tokenizer_dir)[1])  # its latents' tokenizer
     images = pipe.generate("a handwritten digit seven", 8, 8, num_sampling_steps=2,
                            guidance_scale=2.0, num_images=2, seed=0)
     assert [im.size for im in images] == [(8, 8), (8, 8)]
@@ -423,6 +426,9 @@ def test_buckets_with_latent_cache(tokenizer_dir, tmp_path):
         cached = np.asarray(rows.load_sample(i, 0)["latents"])
         np.testing.assert_array_equal(cached[:len(bits)], bits)
         assert not cached[len(bits):].any()
+    # The cache is keyed on the tokenizer's params: a retrained one of the same config differs.
+    with open(os.path.join(str(tmp_path / "wd"), "latent_cache", "latent_cache.json")) as f:
+        assert json.load(f)["tokenizer_params"] == fingerprint.tree_digest(task.tokenizer.params)
 
 
 def test_tfds_caption_source(tokenizer_dir, monkeypatch):

@@ -2,6 +2,7 @@
 frozen tokenizer, from images (encoded inside the step) or from a pre-encoded latent cache."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitdance_jax.checkpointing import fingerprint
 from bitdance_jax.data import latent_cache
 from bitdance_jax.data.sources import make_source
 from bitdance_jax import images as image_lib
@@ -61,6 +63,11 @@ class BitDanceTask(Task):
         self.from_images = not (config.data.source == "latent_cache" or config.data.cache_latents)
 
     # -- data ------------------------------------------------------------------------
+    @functools.cached_property
+    def tokenizer_digest(self) -> str:
+        """Digest of the frozen tokenizer's params: what the latents (and export) pair with."""
+        return fingerprint.tree_digest(self.tokenizer.params)
+
     def _encode_uint8(self, images: np.ndarray) -> np.ndarray:
         return self.tokenizer.encode(image_lib.from_uint8(images))
 
@@ -75,13 +82,28 @@ class BitDanceTask(Task):
             source = latent_cache.build_class_cache(
                 source, self._encode_uint8, cache_dir, image_size=c.image_size,
                 num_classes=self.model_config.num_classes,
-                tokenizer_config=self.tokenizer.config.to_dict(), with_flips=c.random_flip,
+                tokenizer_config=self.tokenizer.config.to_dict(),
+                tokenizer_digest=self.tokenizer_digest, with_flips=c.random_flip,
                 crops=c.cache_crops, min_crop_frac=c.min_crop_frac)
+        else:
+            self._check_cache_tokenizer(source.meta.get("tokenizer_params"), c.cache_dir)
         if source.num_crops == 1 and c.min_crop_frac < 1.0:
             log.warning("training from cached latents with a single crop per image: the random "
                         "crops of data.min_crop_frac=%s are not applied (set data.cache_crops > 1)",
                         c.min_crop_frac)
         return source
+
+    def _check_cache_tokenizer(self, cached: str | None, cache_dir: str) -> None:
+        """A given cache must hold latents of ``tokenizer_dir``'s tokenizer, the one exported."""
+        if cached is None:
+            log.warning("latent cache %s records no tokenizer digest (built before they were "
+                        "recorded): cannot check it was encoded by %s", cache_dir,
+                        self.config.tokenizer_dir)
+        elif cached != self.tokenizer_digest:
+            raise ValueError(f"latent cache {cache_dir} was encoded by another tokenizer "
+                             f"({cached}) than {self.config.tokenizer_dir} "
+                             f"({self.tokenizer_digest}); rebuild the cache or set "
+                             "config.tokenizer_dir to the tokenizer that encoded it")
 
     # -- model -----------------------------------------------------------------------
     def init(self, rng):

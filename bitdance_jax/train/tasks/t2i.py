@@ -22,7 +22,7 @@ from flax import linen as nn
 
 from bitdance_jax import images as image_lib
 from bitdance_jax.c2i.loss import flip_bits
-from bitdance_jax.checkpointing import param_dir
+from bitdance_jax.checkpointing import fingerprint, param_dir
 from bitdance_jax.data import captions, latent_cache, packing
 from bitdance_jax.data.word_tokenizer import build_word_tokenizer, extend_text_tokenizer
 from bitdance_jax.nn import patching
@@ -175,7 +175,8 @@ class T2ITask(Task):
         cache_dir = c.cache_dir or os.path.join(self.workdir or ".", "latent_cache")
         tokens = self.spec.max_blocks * self.spec.parallel_num
         meta = {"num_records": len(self.source), "buckets": [list(b) for b in self.buckets],
-                "tokens": tokens, "tokenizer": self.tokenizer.config.to_dict()}
+                "tokens": tokens, "tokenizer": self.tokenizer.config.to_dict(),
+                "tokenizer_params": fingerprint.tree_digest(self.tokenizer.params)}
 
         def encode_chunk(indices):
             images = np.stack([self.source[int(r)]["image"] for r in indices])
@@ -296,5 +297,6 @@ class T2ITask(Task):
         # into the directory before it is renamed into place.
         return param_dir.save_param_dir(
             dst, KIND, self.model_config.to_dict(), params, overwrite=True,
-            extra={"tokenizer": self.tokenizer.config.to_dict(), "source": "bitdance_jax.train"},
+            extra={"tokenizer": self.tokenizer.config.to_dict(), "source": "bitdance_jax.train",
+                   "tokenizer_params": fingerprint.tree_digest(self.tokenizer.params)},
             extra_files={TEXT_TOKENIZER_FILE: self.text_tokenizer_path})
