@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from bitdance_jax.nn import patching
+from bitdance_jax.nn import kv_cache, patching
 from bitdance_jax.porting import convention as porting
 from bitdance_jax.c2i.config import REMAT_POLICIES, BitDanceConfig
 from bitdance_jax.nn.attention import attention
@@ -81,8 +81,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Attention(nn.Module):
     """Multi-head attention with 2D RoPE and an explicit boolean mask.
 
-    With ``cache=(k, v)`` ([B, seq_len, H, D] each) the new keys/values are written at slot
-    ``start`` and the queries attend over the whole cache (the mask hides unwritten slots).
+    With ``cache=(k, v)`` (one layer of the stacked cache, [B, seq_len, H, D] each) the
+    queries attend over it with the new keys/values at slot ``start`` (the mask hides
+    unwritten slots); the new entries are returned for the caller to store.
     """
     n_head: int
     dtype: Dtype = jnp.float32
@@ -99,14 +100,13 @@ class Attention(nn.Module):
         qkv = dense(3 * dim, ("embed", "heads"), name="wqkv", **kw)(x)
         q, k, v = (a.reshape(b, length, self.n_head, head_dim) for a in jnp.split(qkv, 3, -1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_entries = None
         if cache is not None:
-            k_cache, v_cache = cache
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
-            cache = (k, v)
+            new_entries = (k, v)
+            k, v = kv_cache.view_with(cache, k, v, start)
         out = attention(q, k, v, mask, implementation=self.attention_impl,
                         precision=self.precision).reshape(b, length, dim)
-        return dense(dim, ("heads", "embed"), name="wo", **kw)(out), cache
+        return dense(dim, ("heads", "embed"), name="wo", **kw)(out), new_entries
 
 
 class FeedForward(nn.Module):
@@ -237,11 +237,12 @@ class BitDanceBackbone(nn.Module):
                                  "inference_config(config) and unstack_layer_params")
             x, _ = self.layers(x, jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(mask))
             return self.norm(x), None
-        new_caches = []
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cos, sin, mask, None if caches is None else caches[i], start)
-            new_caches.append(cache)
-        return self.norm(x), (None if caches is None else tuple(new_caches))
+            view = None if caches is None else (caches["k"][i], caches["v"][i])
+            x, new_entries = layer(x, cos, sin, mask, view, start)
+            if caches is not None:
+                caches = kv_cache.write(caches, i, *new_entries, start)
+        return self.norm(x), caches
 
     def __call__(self, tokens, class_ids):
         cfg = self.config
@@ -315,10 +316,10 @@ def to_unscanned(params: Mapping[str, Any], config: BitDanceConfig) -> dict:
     return {**params, "model": unstack_layer_params(params["model"])}
 
 
-def init_cache(config: BitDanceConfig, batch: int, dtype: Dtype = jnp.float32):
-    """Zero KV cache: per layer (k, v) [batch, seq_len, n_head, head_dim]."""
-    shape = (batch, config.seq_len, config.n_head, config.head_dim)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer))
+def init_cache(config: BitDanceConfig, batch: int, dtype: Dtype = jnp.float32) -> kv_cache.KVCache:
+    """Zero KV cache in the shared layout (``nn.kv_cache``): [layers, batch, seq_len, heads, head_dim]."""
+    return kv_cache.init_kv_cache(config.n_layer, batch, config.seq_len, config.n_head,
+                                  config.head_dim, dtype)
 
 
 # ----------------------------------------------------------------------------- params / loss

@@ -1,7 +1,7 @@
 """Jitted next-patch sampler of the class-conditional models.
 
 One compiled program per (model, batch, head steps, guided?) runs every AR step: step 0
-feeds the class and query slots, then a ``fori_loop`` feeds the P tokens of the previous
+feeds the class and query slots, then each later step feeds the P tokens of the previous
 step into a preallocated KV cache; each step's conditioning goes through the head's
 Euler-Maruyama sampler and the sign of its prediction gives the next P binary tokens.
 
@@ -9,9 +9,10 @@ Classifier-free guidance doubles the batch ([cond; null class]) with the referen
 schedule cfg_i = 1 + (cfg - 1) i / num_steps. As in the reference, step 0 has cfg_0 = 1 and is
 sampled unguided on all 2B rows, so the null-class rows get tokens of their own.
 
-Random draws come from a ``noise_fn(step) -> [head_steps + 1, rows, P, C]``. The public
-path (``Sampler``) derives each row's draws from its global sample index, so sample i is the
-same whatever the batch size or device count; tests plug in the reference's recorded draws.
+The AR loop is the shared one of ``sampling.next_patch``. Random draws come from a
+``noise_fn(step) -> [head_steps + 1, rows, P, C]``. The public path (``Sampler``) derives
+each row's draws from its global sample index, so sample i is the same whatever the batch
+size or device count; tests plug in the reference's recorded draws.
 """
 from __future__ import annotations
 
@@ -27,12 +28,13 @@ from bitdance_jax.nn import flow
 from bitdance_jax.nn import patching
 from bitdance_jax.nn.precision import PrecisionLike, resolve_dtype
 from bitdance_jax.parallel import sharding
+from bitdance_jax.sampling import next_patch
 from bitdance_jax.c2i.config import BitDanceConfig, inference_config
 from bitdance_jax.c2i.model import BitDanceBackbone, head_apply, init_cache, unstack_layer_params
 
 Dtype = Any
 NoiseFn = Callable[[jax.Array], jax.Array]
-NULL_ROWS_FOLD = 1   # key(seed) -> fold 0: conditional rows, fold 1: null-class rows
+NULL_ROWS_STREAM = 1   # noise stream of the null-class rows (the conditional ones: 0)
 
 
 def cfg_schedule(cfg_scale, step, num_steps):
@@ -44,7 +46,8 @@ def generate(config: BitDanceConfig, params, class_ids, cfg_scale, noise_fn: Noi
              num_sampling_steps: int, guided: bool, dtype: Dtype = jnp.float32,
              precision: PrecisionLike = None, attention_impl: str = "auto",
              record: bool = False):
-    """Sample binary tokens [B, h*w, C] (token order) for ``class_ids`` [B] (traceable).
+    """Sample binary tokens [B, h*w, C] (token order) for ``class_ids`` [B] (traceable), by
+    the shared next-patch loop (``sampling.next_patch``).
 
     ``guided`` (static) doubles the batch with null-class rows; ``cfg_scale`` may be traced.
     ``noise_fn(step)`` returns the head's draws [num_sampling_steps + 1, rows, P, C] with rows
@@ -63,63 +66,45 @@ def generate(config: BitDanceConfig, params, class_ids, cfg_scale, noise_fn: Noi
     ids = class_ids.astype(jnp.int32)
     if guided:
         ids = jnp.concatenate([ids, jnp.full((b,), cfg.num_classes, jnp.int32)])
-    rows, p, steps = ids.shape[0], cfg.parallel_num, cfg.num_steps
+    rows, p = ids.shape[0], cfg.parallel_num
 
-    def head_sample(cond, step, guidance):
+    def prefill():
+        return backbone.apply(model_vars, ids, init_cache(cfg, rows, dtype), method="prefill")
+
+    def feed(cache, bits, step):
+        return backbone.apply(model_vars, bits.astype(dtype), step, cache, method="step")
+
+    def draw(cond, step):
         noise = noise_fn(step)
         expected = (num_sampling_steps + 1, rows, p, cfg.latent_dim)
         if noise.shape != expected:
             raise ValueError(f"noise_fn must return {expected}, got {noise.shape}")
-        pred = flow.euler_maruyama(net_fn, cond, noise, num_steps=num_sampling_steps,
-                                   cfg_scale=guidance, time_shift=cfg.time_shift)
-        return pred, jnp.sign(pred)
+        # cfg_0 = 1, as in the reference: step 0 is unguided on all rows (the null-class
+        # rows draw tokens of their own).
+        step_guided = guided and not (isinstance(step, int) and step == 0)
+        guidance = cfg_schedule(cfg_scale, step, cfg.num_steps) if step_guided else 1.0
+        return flow.euler_maruyama(net_fn, cond, noise, num_steps=num_sampling_steps,
+                                   guided=step_guided, cfg_scale=guidance,
+                                   time_shift=cfg.time_shift)
 
-    caches = init_cache(cfg, rows, dtype)
-    cond, caches = backbone.apply(model_vars, ids, caches, method="prefill")
-    # cfg_0 = 1: unguided on all rows. A Python 1.0 (not a traced one) lets a shard hold an
-    # odd number of rows.
-    pred, tokens = head_sample(cond, 0, 1.0)
-    all_tokens = jnp.zeros((rows, cfg.num_tokens, cfg.latent_dim), jnp.float32)
-    all_tokens = jax.lax.dynamic_update_slice_in_dim(all_tokens, tokens, 0, axis=1)
-    if record:
-        conds = jnp.zeros((steps,) + cond.shape, cond.dtype).at[0].set(cond)
-        preds = jnp.zeros((steps,) + pred.shape, jnp.float32).at[0].set(pred)
-    else:
-        conds = preds = None
-
-    def body(step, carry):
-        all_tokens, prev, caches, conds, preds = carry
-        cond, caches = backbone.apply(model_vars, prev.astype(dtype), step, caches, method="step")
-        guidance = cfg_schedule(cfg_scale, step, steps) if guided else 1.0
-        pred, tokens = head_sample(cond, step, guidance)
-        all_tokens = jax.lax.dynamic_update_slice_in_dim(all_tokens, tokens, step * p, axis=1)
-        if record:
-            conds, preds = conds.at[step].set(cond), preds.at[step].set(pred)
-        return all_tokens, tokens, caches, conds, preds
-
-    all_tokens, _, _, conds, preds = jax.lax.fori_loop(
-        1, steps, body, (all_tokens, tokens, caches, conds, preds))
-    if record:
-        return all_tokens[:b], (conds, preds)
-    return all_tokens[:b]
+    tokens, recorded = next_patch.sample_steps(cfg.num_steps, prefill, feed, draw, keep_rows=b,
+                                               record=record)
+    return (tokens, recorded) if record else tokens
 
 
 def keyed_noise(seed, sample_indices, guided: bool, num_sampling_steps: int,
                 config: BitDanceConfig) -> NoiseFn:
-    """Per-sample draws: row of global sample g uses fold_in(fold_in(key(seed), 0), g) (its
-    null-class twin fold 1), then fold_in(., step) per AR step."""
-    root = jax.random.key(seed)
-    cond_keys = jax.vmap(lambda g: jax.random.fold_in(jax.random.fold_in(root, 0), g))(sample_indices)
-    keys = cond_keys
-    if guided:
-        null_keys = jax.vmap(lambda g: jax.random.fold_in(
-            jax.random.fold_in(root, NULL_ROWS_FOLD), g))(sample_indices)
-        keys = jnp.concatenate([cond_keys, null_keys])
-    shape = (num_sampling_steps + 1, config.parallel_num, config.latent_dim)
+    """Per-sample draws (``next_patch.KeyedNoise``): the conditional row of global sample g
+    uses stream 0, its null-class twin stream 1."""
+    keys = next_patch.KeyedNoise(jnp.asarray(seed, jnp.int32), jnp.asarray(sample_indices, jnp.int32))
+    p, c = config.parallel_num, config.latent_dim
 
     def noise_fn(step):
-        draws = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape))(keys)
-        return jnp.moveaxis(draws, 0, 1)
+        draws = next_patch.head_draws(keys, step, num_sampling_steps, p, c)
+        if guided:
+            null = next_patch.head_draws(keys, step, num_sampling_steps, p, c, NULL_ROWS_STREAM)
+            draws = jnp.concatenate([draws, null], axis=1)
+        return draws
     return noise_fn
 
 

@@ -94,49 +94,42 @@ def sampling_times(num_steps: int, shift: float, last_step_size: float = MIN_ONE
 
 
 def euler_maruyama(net_fn: NetFn, cond: jax.Array, noise: jax.Array, *, num_steps: int,
-                   cfg_scale, time_shift: float, last_step_size: float = MIN_ONE_MINUS_T,
-                   return_trajectory: bool = False):
+                   guided: bool, cfg_scale=1.0, time_shift: float,
+                   last_step_size: float = MIN_ONE_MINUS_T, return_trajectory: bool = False):
     """SDE sampler of the heads: ``num_steps`` Euler-Maruyama steps then one Euler step.
 
-    ``cond`` [N, ...]: with guidance (``cfg_scale > 1``, may be traced) rows [:N/2] are
-    conditional and [N/2:] unconditional, the state is one [N/2] batch shown to the net twice
-    and v = v_u + cfg (v_c - v_u); otherwise all N rows evolve independently. ``noise``
-    [num_steps + 1, N, ...]: draw 0 is the initial state, draw k the noise of step k; when
-    guided only rows [:N/2] are used. Returns the [N, ...] sample (guided: both halves equal)
-    and, with ``return_trajectory``, the state after every step [num_steps + 1, N, ...].
+    ``guided`` (static: the caller decides once) makes rows [:N/2] of ``cond`` conditional
+    and [N/2:] unconditional: the state is one [N/2] batch shown to the net twice and
+    v = v_u + cfg (v_c - v_u), ``cfg_scale`` may be traced. Unguided, all N rows evolve
+    independently and ``cfg_scale`` is unused. ``noise`` [num_steps + 1, N, ...]: draw 0 is
+    the initial state, draw k the noise of step k; when guided only rows [:N/2] are used.
+    Returns the [N, ...] sample (guided: both halves equal) and, with ``return_trajectory``,
+    the state after every step [num_steps + 1, N, ...].
     """
     n = cond.shape[0]
     if noise.shape[:2] != (num_steps + 1, n):
         raise ValueError(f"noise must be [num_steps + 1 = {num_steps + 1}, N = {n}, ...], "
                          f"got {noise.shape}")
+    if guided and n % 2:
+        raise ValueError(f"classifier-free guidance needs an even number of rows, got {n}")
     step_t, step_dt, last_t = sampling_times(num_steps, time_shift, last_step_size)
     cfg = jnp.asarray(cfg_scale, jnp.float32)
-    guided = cfg > 1
-    if n % 2:
-        try:
-            concrete_cfg = float(cfg_scale)
-        except jax.errors.ConcretizationTypeError:
-            raise ValueError(f"a traced cfg_scale needs an even number of rows, got {n}") from None
-        if concrete_cfg > 1:
-            raise ValueError(f"classifier-free guidance needs an even number of rows, got {n}")
     half = n // 2
 
     def mirror(a):
         """Guided: the first half twice (the state rows the net sees); else unchanged."""
-        if n % 2:
-            return a
-        return jnp.where(guided, jnp.concatenate([a[:half], a[:half]], axis=0), a)
+        return jnp.concatenate([a[:half], a[:half]], axis=0) if guided else a
 
     def velocity(x, t):
         t_rows = jnp.full((n,), t, jnp.float32)
         v = _velocity(net_fn(x, t_rows, cond), x, _per_row(t_rows, x)).astype(jnp.float32)
-        if n % 2:
+        if not guided:
             return v
         v_c, v_u = v[:half], v[half:]
         v_g = v_u + cfg * (v_c - v_u)
-        return jnp.where(guided, jnp.concatenate([v_g, v_g], axis=0), v)
+        return jnp.concatenate([v_g, v_g], axis=0)
 
-    noise = noise.astype(jnp.float32)
+    noise = jnp.asarray(noise, jnp.float32)
     step_t, step_dt = jnp.asarray(step_t), jnp.asarray(step_dt)
 
     def sde_step(i, x):

@@ -55,7 +55,8 @@ def run_prompt_set(pipe, entries, args) -> list[str]:
                                    num_sampling_steps=args.steps,
                                    guidance_scale=args.guidance_scale,
                                    num_images=args.num_images,
-                                   noise_source=evaluation.per_prompt_noise(seeds, args.num_images))
+                                   seed=args.seed,
+                                   sample_indices=evaluation.sample_indices(chunk, args.num_images))
         n = args.num_images
         for k, entry in enumerate(chunk):  # decoded per prompt: a GAN decoder's noise from its seed
             images = image_lib.to_uint8_like_reference(

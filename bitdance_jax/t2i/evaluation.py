@@ -10,7 +10,8 @@ Layouts, for ``num_images`` images per prompt:
 
 Every file is written under a temporary name and renamed, and a prompt counts as done once its
 last file exists, so a rerun after an interruption resumes from the first prompt not done.
-Prompt ``i`` is sampled from seed ``seed + i`` whatever the batch size or process count.
+Prompt ``i``'s images are sampled from (seed, i) alone (``sample_indices``), and decoded with
+seed ``seed + i``, whatever the batch size or process count.
 ``<out_dir>/.bitdance_run.json`` records what the images depend on (a digest of the weights and
 of the prompt set, the numerics, size, steps, guidance, images per prompt, seed and layout): a
 rerun with any of them changed is refused rather than mixed with the images already there.
@@ -118,14 +119,8 @@ def prepare_out_dir(out_dir: str, entries: Sequence[PromptEntry], layout: str, n
     fingerprint.check_or_write_manifest(manifest, run, what=out_dir)
 
 
-def per_prompt_noise(seeds: Sequence[int], num_images: int):
-    """A noise source whose rows for prompt ``k`` come from ``seeds[k]`` alone (the sampler's
-    rows are prompt-major, ``num_images`` per prompt), so a prompt's images do not depend on
-    which prompts share its batch."""
-    import jax.numpy as jnp
-    from bitdance_jax.t2i.sampler import seeded_noise
-
-    def draw(shape):
-        part = shape[:2] + (num_images,) + shape[3:]
-        return jnp.concatenate([seeded_noise(s)(part) for s in seeds], axis=2)
-    return draw
+def sample_indices(chunk, num_images: int) -> list[int]:
+    """The sampler's sample index of every image of ``chunk`` (prompt-major): image j of
+    prompt i is sample ``i * num_images + j``, so its draws depend on (seed, i, j) alone,
+    never on which prompts share its batch or process."""
+    return [e.index * num_images + j for e in chunk for j in range(num_images)]

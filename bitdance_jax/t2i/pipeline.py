@@ -1,10 +1,11 @@
 """The loaded text-to-image model: ``load_t2i`` and ``T2IPipeline`` (prompts in, latents and images out)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +25,12 @@ from bitdance_jax.t2i.config import KIND, T2IConfig
 from bitdance_jax.t2i.model import (Projector, abstract_t2i_params, place_params, position_embed_2d,
                                     position_table)
 from bitdance_jax.t2i.prompts import UNCOND_PROMPT, TextTokenizer, cond_prompt
-from bitdance_jax.t2i.sampler import (NoiseSource, PROGRESS_BARS, prompt_bucket, sampler,
-                                      seeded_noise)
+from bitdance_jax.sampling import next_patch
+from bitdance_jax.t2i.sampler import prompt_bucket, sampler
 from bitdance_jax.tokenizer.model import BinaryAutoencoder
+
+# ``noise_source(shape)``: every N(0, 1) draw of a call at once (recorded draws in tests).
+NoiseSource = Callable[[tuple[int, ...]], Any]
 
 def load_t2i(path: str, *, param_dtype=jnp.float32, dtype=None, mesh=None,
              precision: PrecisionLike = None, attention_impl: str = "auto") -> "T2IPipeline":
@@ -85,6 +89,7 @@ class T2IPipeline:
         kw = dict(dtype=dtype, precision=precision)
         self.llm = qwen3.Qwen3ForCausalLM(config.llm, attention_impl=attention_impl, **kw)
         self.head = DiffusionNet(config.head, attention_impl=attention_impl, **kw)
+        self.progress_hook = next_patch.ProgressHook()
         self.projector = Projector(config.llm.hidden_size, **kw)
         self._decode = jax.jit(functools.partial(
             BinaryAutoencoder(config.tokenizer, precision=precision).apply, method="decode"))
@@ -118,15 +123,19 @@ class T2IPipeline:
     def sample_latents(self, prompts: Sequence[str] | str, height: int, width: int, *,
                        num_sampling_steps: int = 50, guidance_scale: float = 7.5,
                        num_images: int = 1, noise_source: NoiseSource | None = None,
-                       seed: int = 0, trace: bool = False, progress: bool = False,
+                       seed: int = 0, sample_indices: Sequence[int] | None = None,
+                       trace: bool = False, progress: bool | Callable[[int, int], None] = False,
                        prompt_slots: int | None = None):
         """Binary latents [B, h, w, z] (B = num_images, or one per prompt when a list is given,
         each prompt then gets ``num_images``) and, with ``trace``, a ``SampleTrace``.
 
-        ``noise_source(shape)`` returns every N(0, 1) draw at once, shaped
-        [image_steps, num_sampling_steps + 1, B, P, z]: per image step the head's initial
-        state then one draw per SDE step (the reference's call order). ``progress`` shows a
-        bar advanced by the jitted loop after each image step. ``prompt_slots`` (a multiple of
+        Row r's draws come from (``seed``, ``sample_indices[r]``) alone, inside the jitted
+        loop (default indices 0..B-1, so image j of prompt k is sample k * num_images + j):
+        an image never depends on the batch it shares. ``noise_source(shape)`` instead gives
+        every N(0, 1) draw at once, shaped [image_steps, num_sampling_steps + 1, B, P, z]: per
+        image step the head's initial state then one draw per SDE step (the reference's call
+        order). ``progress``: True shows a bar, a callable gets ``(steps_done, image_steps)``
+        after each image step (through ``self.progress_hook``). ``prompt_slots`` (a multiple of
         64) pads every prompt to that many token slots, so a server compiles one program for
         all prompts up to that length; ``None`` takes the smallest bucket that fits.
         """
@@ -165,25 +174,34 @@ class T2IPipeline:
         for i, x in enumerate(heads):
             ids[i, :len(x)] = x
         batch = len(prompts) * num_images
-        noise_shape = (image_steps, num_sampling_steps + 1, batch, p_num, cfg.tokenizer.z_channels)
-        noise = jnp.asarray((noise_source or seeded_noise(seed))(noise_shape), jnp.float32)
-        if noise.shape != noise_shape:
-            raise ValueError(f"noise source gave {noise.shape}, expected {noise_shape}")
+        if noise_source is not None:
+            noise_shape = (image_steps, num_sampling_steps + 1, batch, p_num, cfg.tokenizer.z_channels)
+            draws = jnp.asarray(noise_source(noise_shape), jnp.float32)
+            if draws.shape != noise_shape:
+                raise ValueError(f"noise source gave {draws.shape}, expected {noise_shape}")
+            noise = next_patch.RecordedNoise(draws)
+        else:
+            idx = np.arange(batch) if sample_indices is None else np.asarray(sample_indices)
+            if idx.shape != (batch,) or not np.issubdtype(idx.dtype, np.integer):
+                raise ValueError(f"sample_indices must be {batch} integers (one per image), "
+                                 f"got {sample_indices!r}")
+            noise = next_patch.KeyedNoise(jnp.int32(seed), jnp.asarray(idx, jnp.int32))
         pos = jnp.asarray(self.position_embed_2d(h, w)).reshape(image_steps, p_num, -1)
         run = sampler(self.llm, self.head, self.projector, cfg.head.time_shift,
-                       num_sampling_steps, guided, trace, progress)
-        if progress:
-            from tqdm import tqdm
-            PROGRESS_BARS.append(tqdm(total=image_steps, desc="image steps", unit="step"))
-        try:
+                      num_sampling_steps, guided, trace, self.progress_hook if progress else None)
+        with contextlib.ExitStack() as stack:
+            if progress is True:
+                from tqdm import tqdm
+                bar = stack.enter_context(tqdm(total=image_steps, desc="image steps", unit="step"))
+                listener = lambda step: bar.update(1)
+            elif progress:
+                listener = lambda step: progress(step + 1, image_steps)
+            if progress:
+                stack.enter_context(self.progress_hook.reporting(listener))
             tokens, head_cond, head_pred = run(
                 self.params, jnp.asarray(ids), jnp.asarray(lengths),
                 jnp.asarray(prefix[2:], jnp.int32), pos, noise, jnp.float32(guidance_scale))
             tokens = np.asarray(tokens)  # wait for the loop (and its progress updates)
-        finally:
-            if progress:
-                jax.effects_barrier()
-                PROGRESS_BARS.pop().close()
         bits = unpatchify(tokens, cfg.patch_side, h, w)
         return (bits, SampleTrace(np.asarray(head_cond), np.asarray(head_pred))) if trace else bits
 
@@ -193,7 +211,8 @@ class T2IPipeline:
 
     def generate(self, prompt: str, height: int = 1024, width: int = 1024,
                  num_sampling_steps: int = 50, guidance_scale: float = 7.5, num_images: int = 1,
-                 seed: int = 0, noise_source: NoiseSource | None = None, progress: bool = False,
+                 seed: int = 0, noise_source: NoiseSource | None = None,
+                 progress: bool | Callable[[int, int], None] = False,
                  prompt_slots: int | None = None):
         """``num_images`` PIL images for ``prompt`` (the reference's ``generate``)."""
         bits = self.sample_latents(prompt, height, width, num_sampling_steps=num_sampling_steps,

@@ -24,12 +24,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from bitdance_jax.nn import kv_cache as kv_cache_lib
 from bitdance_jax.nn.attention import attention
 from bitdance_jax.nn.layers import RMSNorm, dense, embed as embedding_layer
 from bitdance_jax.nn.precision import PrecisionLike
 
 Dtype = Any
-KVCache = dict  # {"k": [layers, B, S, kv_heads, head_dim], "v": same}
+KVCache = kv_cache_lib.KVCache  # {"k": [layers, B, S, kv_heads, head_dim], "v": same}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +144,8 @@ def cache_mask(batch: int, query_positions: jax.Array, cache_len: int, *,
 
 
 def init_kv_cache(config: Qwen3Config, batch: int, length: int, dtype=jnp.float32) -> KVCache:
-    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return kv_cache_lib.init_kv_cache(config.num_hidden_layers, batch, length,
+                                      config.num_key_value_heads, config.head_dim, dtype)
 
 
 class Qwen3Attention(nn.Module):
@@ -170,8 +171,7 @@ class Qwen3Attention(nn.Module):
         k = apply_rope(RMSNorm(name="k_norm", **norm_kw)(k), cos, sin).astype(self.dtype)
         if layer_cache is not None:
             k, v = k.astype(layer_cache[0].dtype), v.astype(layer_cache[1].dtype)
-            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k, cache_index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v, cache_index, axis=1)
+            k_all, v_all = kv_cache_lib.view_with(layer_cache, k, v, cache_index)
         else:
             k_all, v_all = k, v
         # Query head i uses kv head i // (h // kv) (grouped-query attention).
@@ -276,9 +276,7 @@ class Qwen3Model(nn.Module):
             layer_cache = None if kv_cache is None else (kv_cache["k"][i], kv_cache["v"][i])
             x, (k, v) = layer(x, cos, sin, attention_mask, layer_cache, cache_index)
             if kv_cache is not None:  # write only the new entries into the stacked cache
-                at = (i, 0, cache_index, 0, 0)
-                kv_cache = {"k": jax.lax.dynamic_update_slice(kv_cache["k"], k[None], at),
-                            "v": jax.lax.dynamic_update_slice(kv_cache["v"], v[None], at)}
+                kv_cache = kv_cache_lib.write(kv_cache, i, k, v, cache_index)
             if output_hidden_states:
                 hidden.append(x)
         return Qwen3Output(self.norm(x), kv_cache, tuple(hidden) if hidden else None)

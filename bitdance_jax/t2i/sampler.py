@@ -1,21 +1,15 @@
-"""The jitted text-to-image sampling loop: prompt prefill, then per image step the head's SDE and the fed-back block, under one ``lax.scan``."""
+"""The jitted text-to-image sampler: prompt prefill, then per image step the head's SDE and
+the fed-back block, through the shared next-patch loop (``sampling.next_patch``)."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from bitdance_jax.nn.flow import euler_maruyama
+from bitdance_jax.sampling import next_patch
 from bitdance_jax.t2i import qwen3
-
-NoiseSource = Callable[[tuple[int, ...]], Any]
-
-
-def seeded_noise(seed: int) -> NoiseSource:
-    """N(0, 1) draws from ``jax.random.key(seed)``."""
-    return lambda shape: jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
 def prompt_bucket(length: int) -> int:
@@ -23,19 +17,17 @@ def prompt_bucket(length: int) -> int:
     return max(64, -(-length // 64) * 64)
 
 
-PROGRESS_BARS: list = []  # the bar the running sample_latents call advances (innermost last)
-
-
-def _advance_progress(_step):
-    if PROGRESS_BARS:
-        PROGRESS_BARS[-1].update(1)
-
-
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=16)   # bounded: each entry holds compiled programs
 def sampler(llm, head, projector, time_shift: float, num_sampling_steps: int, guided: bool,
-             trace: bool, progress: bool):
-    """One jitted sampling loop per (modules, step counts, guidance on/off); shapes (prompt
-    bucket, grid, batch) specialise it further through ``jit``'s own cache."""
+            trace: bool, progress: next_patch.ProgressHook | None):
+    """One jitted sampling loop per (modules, step counts, guided or not, trace, progress
+    hook); shapes (prompt bucket, grid, batch) and the noise's kind (keyed or recorded)
+    specialise it further through ``jit``'s own cache.
+
+    ``run(params, ids, lengths, block_ids, pos, noise, guidance_scale)``: ``noise`` a
+    ``KeyedNoise`` over the B conditional rows or a ``RecordedNoise`` of draws
+    [image_steps, head_steps + 1, B, P, z]; with guidance the unconditional rows reuse them.
+    """
 
     @jax.jit
     def run(params, ids, lengths, block_ids, pos, noise, guidance_scale):
@@ -58,48 +50,37 @@ def sampler(llm, head, projector, time_shift: float, num_sampling_steps: int, gu
             mask = jnp.broadcast_to(mask[:, None], (n, p_num, cache_len))
             positions = lengths[:, None] + block * p_num + jnp.arange(p_num)[None]
             out = llm_call(cache, embeds, start, positions, mask)
-            return out.kv_cache, out.last_hidden_state
+            return out.last_hidden_state, out.kv_cache
 
         def embed(x):
             return llm.apply({"params": params["llm"]}, x, method="embed")
 
-        cache = qwen3.init_kv_cache(llm.config, n, cache_len, dtype=llm.dtype)
-        prompt_mask = (valid[:, None, :] & (slots[None, None, :] <= jnp.arange(bucket)[None, :, None]))
-        cache = llm_call(cache, embed(ids), 0, jnp.broadcast_to(jnp.arange(bucket), (n, bucket)),
-                         prompt_mask).kv_cache
-        cache, hidden = block_call(cache, jnp.broadcast_to(embed(block_ids)[None], (n, p_num, pos.shape[-1])), 0)
+        def prefill():
+            cache = qwen3.init_kv_cache(llm.config, n, cache_len, dtype=llm.dtype)
+            prompt_mask = valid[:, None, :] & (slots[None, None, :] <= jnp.arange(bucket)[None, :, None])
+            cache = llm_call(cache, embed(ids), 0, jnp.broadcast_to(jnp.arange(bucket), (n, bucket)),
+                             prompt_mask).kv_cache
+            queries = jnp.broadcast_to(embed(block_ids)[None], (n, p_num, pos.shape[-1]))
+            hidden, cache = block_call(cache, queries, 0)
+            return hidden + pos[0][None], cache
 
-        def head_step(hidden, step):
-            cond = hidden + pos[step][None]
-            draws = noise[step]
+        def feed(cache, bits, step):
+            fed = projector.apply({"params": params["projector"]}, bits) + pos[step - 1][None]
+            hidden, cache = block_call(cache, fed, step)
+            return hidden + pos[step][None], cache
+
+        def draw(cond, step):
+            draws = next_patch.head_draws(noise, step, num_sampling_steps, p_num,
+                                          head.config.ch_target)
             if guided:
                 draws = jnp.concatenate([draws, draws], axis=1)
             net = lambda x, t, c: head.apply({"params": params["head"]}, x, t, c)
-            pred = euler_maruyama(net, cond, draws, num_steps=draws.shape[0] - 1,
-                                  cfg_scale=guidance_scale if guided else 1.0,
-                                  time_shift=time_shift)
-            return cond, pred
+            return euler_maruyama(net, cond, draws, num_steps=num_sampling_steps, guided=guided,
+                                  cfg_scale=guidance_scale, time_shift=time_shift)
 
-        def body(carry, step):
-            cache, hidden = carry
-            cond, pred = head_step(hidden, step)
-            bits = jnp.sign(pred)
-            fed = projector.apply({"params": params["projector"]}, bits) + pos[step][None]
-            cache, hidden = block_call(cache, fed.astype(hidden.dtype), step + 1)
-            if progress:
-                jax.debug.callback(_advance_progress, step)
-            return (cache, hidden), (bits[:batch], cond if trace else None, pred if trace else None)
-
-        (cache, hidden), (bits, conds, preds) = jax.lax.scan(
-            body, (cache, hidden), jnp.arange(image_steps - 1))
-        last_cond, last_pred = head_step(hidden, image_steps - 1)
-        if progress:
-            jax.debug.callback(_advance_progress, image_steps - 1)
-        bits = jnp.concatenate([bits, jnp.sign(last_pred)[None, :batch]], axis=0)
-        tokens = bits.transpose(1, 0, 2, 3).reshape(batch, image_steps * p_num, -1)
-        if not trace:
-            return tokens, None, None
-        return (tokens, jnp.concatenate([conds, last_cond[None]]),
-                jnp.concatenate([preds, last_pred[None]]))
+        tokens, recorded = next_patch.sample_steps(image_steps, prefill, feed, draw,
+                                                   keep_rows=batch, record=trace,
+                                                   on_step=progress)
+        return (tokens,) + (recorded if trace else (None, None))
 
     return run

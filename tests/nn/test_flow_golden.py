@@ -34,10 +34,10 @@ def _t2i_net():
     return _net_fn(config, port_head_state_dict(sd, config, "net."))
 
 
-def _sampler(net_fn, num_steps, shift, last_step_size):
-    """One compiled sampler per (steps, shift); cfg_scale stays a traced argument."""
+def _sampler(net_fn, num_steps, shift, last_step_size, guided):
+    """One compiled sampler per (steps, shift, guided); cfg_scale stays a traced argument."""
     return jax.jit(lambda cond, noise, cfg: euler_maruyama(
-        net_fn, cond, noise, num_steps=num_steps, cfg_scale=cfg, time_shift=shift,
+        net_fn, cond, noise, num_steps=num_steps, guided=guided, cfg_scale=cfg, time_shift=shift,
         last_step_size=last_step_size, return_trajectory=True))
 
 
@@ -61,20 +61,19 @@ def _check_run(case, prefix, sampler, cond, cfg, num_steps, shift, last_step_siz
     np.testing.assert_array_equal(np.append(step_t, last_t), a[prefix + "t_calls"])
 
 
-def test_imagenet_runs_share_one_compiled_sampler_per_shift():
+def test_imagenet_runs_share_one_compiled_sampler_per_shift_and_guidance():
     case = golden.case("sampler")["config"]
     a = golden.arrays("sampler")
     net_fn = _imagenet_net()
     steps, last = case["num_sampling_steps"], case["last_step_size"]
     samplers = {}
     for run in case["runs"]:
-        shift = run["time_shift"]
-        if shift not in samplers:
-            samplers[shift] = _sampler(net_fn, steps, shift, last)
-        cond = a["c_cond"] if run["cfg"] <= 1 else np.concatenate([a["c_cond"], a["c_uncond"]])
-        if cond.shape[0] % 2:   # a traced cfg needs even rows (see below); unguided rows are
-            cond = np.concatenate([cond, cond[-1:]])   # independent, so pad one and ignore it
-        _check_run("sampler", run["prefix"], samplers[shift], cond, run["cfg"], steps, shift, last)
+        shift, guided = run["time_shift"], run["cfg"] > 1
+        if (shift, guided) not in samplers:
+            samplers[shift, guided] = _sampler(net_fn, steps, shift, last, guided)
+        cond = np.concatenate([a["c_cond"], a["c_uncond"]]) if guided else a["c_cond"]
+        _check_run("sampler", run["prefix"], samplers[shift, guided], cond, run["cfg"], steps,
+                   shift, last)
 
 
 def test_t2i_guided_run():
@@ -82,12 +81,13 @@ def test_t2i_guided_run():
     a = golden.arrays("sampler_t2i")
     steps, shift = case["num_sampling_steps"], case["time_shift"]
     last = case.get("last_step_size", 0.05)
-    sampler = _sampler(_t2i_net(), steps, shift, last)
+    sampler = _sampler(_t2i_net(), steps, shift, last, case["cfg"] > 1)
     _check_run("sampler_t2i", "", sampler, a["c"], case["cfg"], steps, shift, last)
 
 
-def test_traced_cfg_inside_a_loop_switches_guidance():
-    """The AR sampler calls one compiled sampler with cfg 1 at step 0 and > 1 later."""
+def test_guidance_decided_statically_with_a_traced_cfg_inside_a_loop():
+    """As the AR sampler does: one program samples an unguided step on all rows, then guided
+    steps whose cfg is a traced loop value."""
     case = golden.case("sampler")["config"]
     a = golden.arrays("sampler")
     net_fn = _imagenet_net()
@@ -98,19 +98,23 @@ def test_traced_cfg_inside_a_loop_switches_guidance():
     cond = np.concatenate([a["c_cond"], a["c_uncond"]])
     half = a["c_cond"].shape[0]
     # Unguided, every row evolves on its own: rows [:half] replay the unguided run (cond rows).
-    noises = jnp.stack([_all_rows(a[unguided["prefix"] + "noise"], 2 * half),
-                        _all_rows(a[guided["prefix"] + "noise"], 2 * half)])
-    cfgs = jnp.asarray([unguided["cfg"], guided["cfg"]], jnp.float32)
+    unguided_noise = _all_rows(a[unguided["prefix"] + "noise"], 2 * half)
+    guided_noise = _all_rows(a[guided["prefix"] + "noise"], 2 * half)
+    cfgs = jnp.asarray([guided["cfg"]] * 2, jnp.float32)
 
-    def body(i, outs):
-        out = euler_maruyama(net_fn, cond, noises[i], num_steps=steps, cfg_scale=cfgs[i],
-                             time_shift=guided["time_shift"], last_step_size=last)
-        return outs.at[i].set(out)
+    def run():
+        first = euler_maruyama(net_fn, cond, unguided_noise, num_steps=steps, guided=False,
+                               time_shift=guided["time_shift"], last_step_size=last)
 
-    outs = jax.jit(lambda: jax.lax.fori_loop(0, 2, body, jnp.zeros((2,) + cond.shape[:-1]
-                                                                    + noises.shape[-1:])))()
-    golden.check("sampler", unguided["prefix"] + "out", outs[0, :half])
-    golden.check("sampler", guided["prefix"] + "out", outs[1])
+        def body(i, out):
+            return euler_maruyama(net_fn, cond, guided_noise, num_steps=steps, guided=True,
+                                  cfg_scale=cfgs[i], time_shift=guided["time_shift"],
+                                  last_step_size=last)
+        return first, jax.lax.fori_loop(0, 2, body, jnp.zeros_like(first))
+
+    first, later = jax.jit(run)()
+    golden.check("sampler", unguided["prefix"] + "out", first[:half])
+    golden.check("sampler", guided["prefix"] + "out", later)
 
 
 def test_time_shift_edges():
@@ -127,13 +131,16 @@ def test_bad_sampler_inputs_raise():
     net_fn = lambda z, t, c: z
     cond = jnp.zeros((3, 2, 4))
     with pytest.raises(ValueError, match="noise"):
-        euler_maruyama(net_fn, cond, jnp.zeros((2, 3, 2, 4)), num_steps=2, cfg_scale=1.0,
+        euler_maruyama(net_fn, cond, jnp.zeros((2, 3, 2, 4)), num_steps=2, guided=False,
                        time_shift=1.0)
-    with pytest.raises(ValueError, match="even"):
-        euler_maruyama(net_fn, cond, jnp.zeros((3, 3, 2, 4)), num_steps=2, cfg_scale=2.0,
-                       time_shift=1.0)
-    # A traced cfg compiles the guided branch too, which halves the rows: odd rows are refused
-    # at trace time, since a cfg > 1 arriving at run time could no longer be rejected.
-    with pytest.raises(ValueError, match="traced cfg_scale needs an even number of rows, got 3"):
+    # Guided needs an even number of rows, whether cfg is concrete or traced; unguided, odd
+    # rows take a traced cfg too (it was refused when guidance was read off the cfg value).
+    with pytest.raises(ValueError, match="classifier-free guidance needs an even number of rows, got 3"):
+        euler_maruyama(net_fn, cond, jnp.zeros((3, 3, 2, 4)), num_steps=2, guided=True,
+                       cfg_scale=2.0, time_shift=1.0)
+    with pytest.raises(ValueError, match="even number of rows, got 3"):
         jax.jit(lambda c: euler_maruyama(net_fn, cond, jnp.zeros((3, 3, 2, 4)), num_steps=2,
-                                         cfg_scale=c, time_shift=1.0))(1.0)
+                                         guided=True, cfg_scale=c, time_shift=1.0))(2.0)
+    out = jax.jit(lambda c: euler_maruyama(net_fn, cond, jnp.ones((3, 3, 2, 4)), num_steps=2,
+                                           guided=False, cfg_scale=c, time_shift=1.0))(2.0)
+    assert out.shape == cond.shape and bool(jnp.isfinite(out).all())
