@@ -5,6 +5,7 @@ the rejection of a cache built with other settings.
 A stand-in encoder (2x2-pooled brightness signs) replaces the frozen tokenizer, so the file is fast.
 """
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -175,3 +176,20 @@ def test_single_crop_cache_warns_once(tmp_path, caplog):
     assert len(messages("one", 0.8)) == 1
     assert messages("one", 1.0) == []   # no random crops asked for: nothing lost
     assert messages("four", 0.5) == []
+
+
+def test_a_folder_that_is_not_a_cache_is_never_emptied(tmp_path):
+    """data.cache_dir pointing at a user's folder: refused, its files untouched; an empty folder
+    (or a missing one) becomes the cache."""
+    user = tmp_path / "user"
+    (user / "sub").mkdir(parents=True)
+    (user / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="non-empty folder that is not a latent cache"):
+        build(user, Noise(4), crops=1, min_crop_frac=1.0)
+    assert sorted(os.listdir(user)) == ["precious.txt", "sub"]
+    assert (user / "precious.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a folder"):
+        build(tmp_path / "file", Noise(4), crops=1, min_crop_frac=1.0)
+    (tmp_path / "empty").mkdir()
+    assert len(build(tmp_path / "empty", Noise(4), crops=1, min_crop_frac=1.0)) == 4
