@@ -6,8 +6,13 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+
 def make_checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
     cc = config.checkpoint
+    # Orbax reads max_to_keep=0 as "keep none": a preempted run would restart from step 0.
+    if isinstance(cc.keep, bool) or not isinstance(cc.keep, int) or cc.keep < 1:
+        raise ValueError(f"checkpoint.keep must be a whole number >= 1 (how many of the latest "
+                         f"checkpoints stay on disk), got {cc.keep!r}")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cc.keep, save_interval_steps=max(1, cc.every_steps),
         enable_async_checkpointing=cc.async_save, create=True)
