@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bitdance_jax.checkpointing.atomic import atomic_write
+from bitdance_jax.checkpointing.atomic import atomic_write, recover
 
 META_FILE = "bitdance.json"
 PARAMS_DIR = "params"
@@ -54,6 +54,7 @@ def save_param_dir(dst: str, kind: str, config: dict[str, Any], params, *,
 
 
 def read_meta(path: str) -> dict[str, Any]:
+    recover(os.path.abspath(path))  # a crash while the directory was being replaced
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path} is not a bitdance-jax checkpoint directory "

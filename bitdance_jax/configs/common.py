@@ -70,6 +70,7 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
     c.peak_tflops_per_device = 0.0      # for the MFU estimate where the device is not known
     c.data = data_config()
     c.optim = optim_config()
+    # keep: how many of the latest checkpoints stay on disk, >= 1 (0 is refused, never "all").
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
     if kind == "tokenizer":
         c.tokenizer = tokenizer_config()

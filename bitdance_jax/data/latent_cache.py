@@ -44,12 +44,24 @@ def build(cache_dir: str, meta: dict, num_records: int, chunks: Iterable[np.ndar
 
     def write_if_absent():  # on process 0 only: encode_chunk must not call collectives
         if not os.path.isfile(meta_path):
+            _refuse_foreign(cache_dir)
             _write(cache_dir, meta, num_records, chunks, encode_chunk)
 
     # The others wait (an error on process 0 reaches them at once, not as a timeout).
     key = hashlib.sha1(os.path.abspath(cache_dir).encode()).hexdigest()[:16]
     distributed.run_once(f"latent_cache:{key}", write_if_absent, timeout_s=CACHE_TIMEOUT_S)
     return open_cache(cache_dir, meta)
+
+
+def _refuse_foreign(cache_dir: str) -> None:
+    """A cache is written by replacing ``cache_dir`` whole: refuse a folder that holds anything
+    but is not a cache of ours (it would be emptied)."""
+    if os.path.isdir(cache_dir) and os.listdir(cache_dir):
+        raise ValueError(f"data.cache_dir {cache_dir!r} is a non-empty folder that is not a "
+                         f"latent cache (no {META_FILE}); point data.cache_dir at a new or "
+                         f"empty folder")
+    if os.path.lexists(cache_dir) and not os.path.isdir(cache_dir):
+        raise ValueError(f"data.cache_dir {cache_dir!r} exists and is not a folder")
 
 
 def _write(cache_dir, meta, num_records, chunks, encode_chunk):

@@ -15,6 +15,7 @@ from flax import linen as nn
 from bitdance_jax import hub
 from bitdance_jax import images as image_lib
 from bitdance_jax.checkpointing import param_dir
+from bitdance_jax.checkpointing.atomic import recover
 from bitdance_jax.nn.diffusion_head import DiffusionNet
 from bitdance_jax.nn.precision import PrecisionLike, resolve_dtype
 from bitdance_jax.nn.patching import unpatchify
@@ -40,6 +41,7 @@ def load_t2i(path: str, *, param_dtype=jnp.float32, dtype=None, mesh=None,
     memory, as the reference's bf16 LLM); ``dtype``: the compute policy, None = the backend's
     default (bf16-mixed on GPU/TPU, float32 on CPU). ``path`` may be a Hub id ``hf:owner/name``."""
     path = hub.resolve(path, param_dtype=jnp.dtype(param_dtype).name)
+    recover(os.path.abspath(path))  # a crash while an export was being replaced
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
     if os.path.isfile(os.path.join(path, param_dir.META_FILE)):

@@ -23,7 +23,7 @@ from bitdance_jax.checkpointing.param_dir import load_param_dir
 from bitdance_jax.data.pipeline import to_global_arrays
 from bitdance_jax.parallel import distributed, sharding
 from bitdance_jax.train import optimizer as optim
-from bitdance_jax.train.checkpoints import (make_checkpoint_manager, restore_checkpoint,
+from bitdance_jax.train.checkpoints import (make_checkpoint_manager, restore_latest,
                                             save_checkpoint)
 from bitdance_jax.train.metrics import MetricLogger, peak_flops_per_device, step_flops
 from bitdance_jax.train.step import jit_train_step
@@ -231,10 +231,9 @@ def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
                                          num_steps=num_steps, seed=config.seed)
     data_iter = iter(dataset)
     mngr = make_checkpoint_manager(workdir, config)
-    latest = mngr.latest_step()
-    if latest is not None:
-        state, data_state = restore_checkpoint(mngr, latest, trainer.abstract_state,
-                                               trainer.state_shardings)
+    restored = restore_latest(mngr, trainer.abstract_state, trainer.state_shardings)
+    if restored is not None:
+        latest, state, data_state = restored
         data_iter.set_state(data_state)
         log.info("resumed from %s at step %d", mngr.directory, latest)
     else:

@@ -226,3 +226,20 @@ def test_cache_of_a_retrained_tokenizer_is_refused(tmp_path, monkeypatch, caplog
     with caplog.at_level(logging.WARNING, logger="bitdance_jax"):
         _task(tmp_path, tok_dir, source="latent_cache", cache_dir=cache).train_source()
     assert "records no tokenizer digest" in caplog.text
+
+
+def test_a_folder_that_is_not_a_cache_is_never_emptied(tmp_path):
+    """data.cache_dir pointing at a user's folder: refused, its files untouched; an empty folder
+    (or a missing one) becomes the cache."""
+    user = tmp_path / "user"
+    (user / "sub").mkdir(parents=True)
+    (user / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="non-empty folder that is not a latent cache"):
+        build(user, Noise(4), crops=1, min_crop_frac=1.0)
+    assert sorted(os.listdir(user)) == ["precious.txt", "sub"]
+    assert (user / "precious.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a folder"):
+        build(tmp_path / "file", Noise(4), crops=1, min_crop_frac=1.0)
+    (tmp_path / "empty").mkdir()
+    assert len(build(tmp_path / "empty", Noise(4), crops=1, min_crop_frac=1.0)) == 4
