@@ -238,7 +238,7 @@ class BitDanceBackbone(nn.Module):
             x, _ = self.layers(x, jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(mask))
             return self.norm(x), None
         for i, layer in enumerate(self.layers):
-            view = None if caches is None else (caches["k"][i], caches["v"][i])
+            view = None if caches is None else kv_cache.layer_view(caches, i)
             x, new_entries = layer(x, cos, sin, mask, view, start)
             if caches is not None:
                 caches = kv_cache.write(caches, i, *new_entries, start)

@@ -17,6 +17,11 @@ def init_kv_cache(num_layers: int, batch: int, length: int, num_heads: int, head
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
+def layer_view(cache: KVCache, layer: int):
+    """Layer ``layer``'s (k, v) [B, S, heads, head_dim], as its attention takes them."""
+    return cache["k"][layer], cache["v"][layer]
+
+
 def view_with(layer_cache, k_new, v_new, start):
     """One layer's cached (k, v) [B, S, heads, head_dim] with the new entries at slot
     ``start``: what that layer's attention reads."""

@@ -45,32 +45,30 @@ def sample_steps(num_steps: int, prefill: Callable, feed: Callable, draw: Callab
     order, (conds, preds) or None). ``keep_rows``: the leading rows returned (the
     conditional ones when guidance doubled the batch). ``on_step(step)``, a host callback,
     is called after each step (``ProgressHook``)."""
-    cond, cache = prefill()
-    pred = draw(cond, 0)
-    bits = jnp.sign(pred)
-    rows, p, c = bits.shape
-    tokens = jnp.zeros((num_steps, keep_rows, p, c), jnp.float32).at[0].set(bits[:keep_rows])
-    conds = preds = None
-    if record:
-        conds = jnp.zeros((num_steps,) + cond.shape, cond.dtype).at[0].set(cond)
-        preds = jnp.zeros((num_steps,) + pred.shape, jnp.float32).at[0].set(pred)
-    if on_step is not None:
-        jax.debug.callback(on_step, 0)
-    state = LoopState(cond=cond, cache=cache, bits=bits, tokens=tokens, conds=conds, preds=preds)
+    def advance(state: LoopState, step, cond, cache, pred) -> LoopState:
+        """The state after AR step ``step`` drew ``pred`` from ``cond``."""
+        bits = jnp.sign(pred)
+        state = state.replace(cond=cond, cache=cache, bits=bits,
+                              tokens=state.tokens.at[step].set(bits[:keep_rows]))
+        if record:
+            state = state.replace(conds=state.conds.at[step].set(cond),
+                                  preds=state.preds.at[step].set(pred))
+        if on_step is not None:
+            jax.debug.callback(on_step, step)
+        return state
 
     def body(step, state: LoopState) -> LoopState:
         cond, cache = feed(state.cache, state.bits, step)
-        pred = draw(cond, step)
-        bits = jnp.sign(pred)
-        new = state.replace(cond=cond, cache=cache, bits=bits,
-                            tokens=state.tokens.at[step].set(bits[:keep_rows]))
-        if record:
-            new = new.replace(conds=state.conds.at[step].set(cond),
-                              preds=state.preds.at[step].set(pred))
-        if on_step is not None:
-            jax.debug.callback(on_step, step)
-        return new
+        return advance(state, step, cond, cache, draw(cond, step))
 
+    cond, cache = prefill()
+    pred = draw(cond, 0)
+    _, p, c = pred.shape
+    steps_of = lambda a, dtype: jnp.zeros((num_steps,) + a.shape, dtype) if record else None
+    empty = LoopState(cond=cond, cache=cache, bits=jnp.sign(pred),
+                      tokens=jnp.zeros((num_steps, keep_rows, p, c), jnp.float32),
+                      conds=steps_of(cond, cond.dtype), preds=steps_of(pred, jnp.float32))
+    state = advance(empty, 0, cond, cache, pred)
     state = jax.lax.fori_loop(1, num_steps, body, state)
     out = jnp.moveaxis(state.tokens, 0, 1).reshape(keep_rows, num_steps * p, c)
     return out, ((state.conds, state.preds) if record else None)

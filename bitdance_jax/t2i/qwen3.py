@@ -273,7 +273,7 @@ class Qwen3Model(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         hidden = [x] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            layer_cache = None if kv_cache is None else (kv_cache["k"][i], kv_cache["v"][i])
+            layer_cache = None if kv_cache is None else kv_cache_lib.layer_view(kv_cache, i)
             x, (k, v) = layer(x, cos, sin, attention_mask, layer_cache, cache_index)
             if kv_cache is not None:  # write only the new entries into the stacked cache
                 kv_cache = kv_cache_lib.write(kv_cache, i, k, v, cache_index)
