@@ -1,7 +1,7 @@
 """The trainer's command line: ``--config`` (ml_collections config_flags) with ``--config.<field>=<value>`` overrides, the workdir and the multi-process flags.
 
     python -m bitdance_jax.train --config configs/<name>.py[:<arg>] --workdir DIR \\
-        [--config.<field>=<value> ...] [--coordinator HOST:PORT --num-processes N --process-id I]
+        [--config.<field>=<value> ...] [--allow_config_change] [--coordinator HOST:PORT --num-processes N --process-id I]
 """
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def _flag_values(argv: list[str]) -> flags.FlagValues:
         lock_config=True, flag_values=fv, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "checkpoints, logs, samples and the export",
                         flag_values=fv)
+    flags.DEFINE_bool("allow_config_change", False,
+                      "resume although the config differs from the saved one in fields that "
+                      "break exact resume (model, batch, data, seed, ...)", flag_values=fv)
     distributed.define_absl_flags(fv)
     return fv
 
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     distributed.initialize_from(fv)
     try:
-        summary = train(config, workdir)
+        summary = train(config, workdir, allow_config_change=fv["allow_config_change"].value)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

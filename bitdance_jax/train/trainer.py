@@ -23,6 +23,7 @@ from bitdance_jax.checkpointing.param_dir import load_param_dir
 from bitdance_jax.data.pipeline import to_global_arrays
 from bitdance_jax.parallel import distributed, sharding
 from bitdance_jax.train import optimizer as optim
+from bitdance_jax.train import resume
 from bitdance_jax.train.checkpoints import (make_checkpoint_manager, restore_latest,
                                             save_checkpoint)
 from bitdance_jax.train.metrics import MetricLogger, peak_flops_per_device, step_flops
@@ -209,8 +210,12 @@ def num_train_steps(config, num_records: int, global_batch: int) -> int:
 
 
 def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
-          on_step: Callable[[int, dict], None] | None = None) -> dict:
+          on_step: Callable[[int, dict], None] | None = None,
+          allow_config_change: bool = False) -> dict:
     """Train ``config`` in ``workdir`` (resuming when it holds checkpoints).
+
+    Resuming with a config that differs from the saved one in what decides the batches or the
+    math is refused unless ``allow_config_change`` (``bitdance_jax.train.resume``).
 
     ``stop_after``: return once the state reaches that step (tests / benchmarks), leaving a
     checkpoint there. ``on_step(step, local_batch)`` is called after each step is dispatched.
@@ -223,9 +228,11 @@ def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
     source = trainer.task.train_source()
     num_steps = num_train_steps(config, len(source), trainer.global_batch)
     trainer.build(num_steps)
-    if distributed.is_main():  # a plain file, written once
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    config_json = config.to_json_best_effort(indent=2, sort_keys=True)
+    changes = resume.check_resume_config(workdir, config_json,
+                                         allow_config_change=allow_config_change)
+    if distributed.is_main():
+        resume.write_config(workdir, config_json, changes)
 
     dataset = trainer.task.train_dataset(source, config.data, global_batch=trainer.global_batch,
                                          num_steps=num_steps, seed=config.seed)
@@ -234,7 +241,12 @@ def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
     restored = restore_latest(mngr, trainer.abstract_state, trainer.state_shardings)
     if restored is not None:
         latest, state, data_state = restored
-        data_iter.set_state(data_state)
+        try:
+            data_iter.set_state(data_state)
+        except (KeyError, TypeError, ValueError) as e:  # Grain: another worker count or pipeline
+            raise ValueError(f"the data iterator state saved at step {latest} in {mngr.directory} "
+                             f"does not fit this data pipeline ({type(e).__name__}: {e}); was "
+                             f"data.worker_count or data.source changed?") from None
         log.info("resumed from %s at step %d", mngr.directory, latest)
     else:
         init_params = None

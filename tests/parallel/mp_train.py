@@ -50,9 +50,9 @@ def main():
     real_train = trainer.train
     workdir_of = [None]
 
-    def train(config, workdir):
+    def train(config, workdir, **kw):
         workdir_of[0] = workdir
-        summary = real_train(config, workdir, on_step=on_step)
+        summary = real_train(config, workdir, on_step=on_step, **kw)
         path = os.path.join(workdir, f"launches.{jax.process_index()}.jsonl")
         with open(path, "a") as f:  # what train() returned on this process, one line a launch
             f.write(json.dumps(summary, default=str) + "\n")

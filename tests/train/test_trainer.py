@@ -387,3 +387,51 @@ def test_default_pipeline_overrides_reach_the_stages(tmp_path):
     assert config.stages == ("tokenizer", "bitdance")
     assert config.bitdance.num_steps == 7 and config.tokenizer.optim.lr == 0.01
     assert config.bitdance.model.parallel_num == 4 and config.bitdance.loss.label_drop > 0
+
+
+def finished_copy(uninterrupted, tmp_path):
+    """A copy of the finished run's workdir (relaunches must not touch the shared one)."""
+    import shutil
+    config, _, _, _, summary = uninterrupted
+    workdir = str(tmp_path / "run")
+    shutil.copytree(summary["workdir"], workdir)
+    return config, workdir
+
+
+def test_resume_refuses_a_config_that_breaks_exact_resume(uninterrupted, tmp_path, caplog):
+    """Issue 19 case 8: global_batch_size 8 -> 16 used to resume without a word and overwrite
+    config.json. Now: refused (config.json untouched) unless --allow_config_change; settings
+    that do not change the batches or the math (log_every) only warn; the old config is kept."""
+    import logging
+    config, workdir = finished_copy(uninterrupted, tmp_path)
+    saved = open(os.path.join(workdir, "config.json")).read()
+    bigger = tiny_config(global_batch_size=16)
+    with pytest.raises(ValueError, match=r"break exact resume \(global_batch_size: 8 -> 16\)"):
+        train.train(bigger, workdir)
+    assert open(os.path.join(workdir, "config.json")).read() == saved
+    cfg = os.path.join(REPO, "configs", "digits_tokenizer.py")
+    argv = ["train", "--config", cfg, "--workdir", workdir, "--config.global_batch_size=16"]
+    assert cli.parse_args(argv + ["--allow_config_change"])[2]["allow_config_change"].value
+    assert not cli.parse_args(argv)[2]["allow_config_change"].value
+    with caplog.at_level(logging.WARNING, logger="bitdance_jax.train"):
+        summary = train.train(tiny_config(log_every=3), workdir)
+    assert summary["start_step"] == config.num_steps
+    assert "changed settings: log_every: 2 -> 3" in caplog.text
+    assert open(os.path.join(workdir, "config.previous-1.json")).read() == saved
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bitdance_jax.train"):
+        train.train(bigger, workdir, allow_config_change=True)
+    assert "changed config (--allow_config_change): global_batch_size: 8 -> 16" in caplog.text
+    assert os.path.exists(os.path.join(workdir, "config.previous-2.json"))
+
+
+def test_resume_with_another_worker_count_is_a_clear_error(uninterrupted, tmp_path):
+    """Issue 19 case 9: changing data.worker_count between runs ended in a bare
+    ``KeyError: 'exhausted'`` from Grain; the saved iterator state only fits its worker count,
+    so the relaunch is refused, override or not, with the value to use."""
+    _, workdir = finished_copy(uninterrupted, tmp_path)
+    for allow in (False, True):
+        with pytest.raises(ValueError, match=r"data\.worker_count changed from 0 to 2 .* "
+                                             r"--config\.data\.worker_count=0"):
+            train.train(tiny_config(**{"data.worker_count": 2}), workdir,
+                        allow_config_change=allow)
