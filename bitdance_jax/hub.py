@@ -23,14 +23,15 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import uuid
 import warnings
 from urllib.parse import quote
 
+from bitdance_jax.checkpointing import atomic
+from bitdance_jax.checkpointing.param_dir import META_FILE  # a ported (bitdance-jax) directory
+
 PREFIXES = ("hf://", "hf:")
 DONE_FILE = "bitdance_hub.json"   # written last, inside the port, before the rename
-META_FILE = "bitdance.json"       # a ported (bitdance-jax) directory
 MODEL_EXTS = (".pt", ".pth")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -263,14 +264,6 @@ def _local_commit(spec: HubId) -> str | None:
     return commit if commit and _COMMIT.match(commit) else None
 
 
-def _write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- download
 
 def _allow_patterns(spec: HubId) -> list[str] | None:
@@ -308,7 +301,7 @@ def download(spec: HubId, revision: str, *, offline: bool, token=None) -> str:
 
 def _port_function():
     """The porting entry point that detects the kind of a released file or folder (imported
-    late: the loaders import this module, and porting imports the loaders)."""
+    when a port is due: resolving a plain path or a cached port needs none of porting)."""
     from bitdance_jax.porting.cli import port
     return port
 
@@ -372,13 +365,6 @@ def _port(src: str, dst: str, **kwargs) -> str:
     return _port_function()(src, dst, **kwargs)
 
 
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
 def _port_atomically(spec: HubId, snapshot: str, src: str, dst: str, kwargs: dict) -> str:
     from filelock import FileLock
     parent, name = os.path.split(dst)
@@ -388,7 +374,7 @@ def _port_atomically(spec: HubId, snapshot: str, src: str, dst: str, kwargs: dic
             return dst
         for stale in os.listdir(parent):   # left by an interrupted earlier attempt
             if stale.startswith(f".{name}.tmp-") or stale == name:
-                _remove(os.path.join(parent, stale))
+                atomic.remove(os.path.join(parent, stale))
         tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
         try:
             try:
@@ -410,7 +396,7 @@ def _port_atomically(spec: HubId, snapshot: str, src: str, dst: str, kwargs: dic
                 json.dump(info, f, indent=2)
             os.rename(tmp, dst)
         finally:
-            _remove(tmp)
+            atomic.remove(tmp)
     return dst
 
 
@@ -449,7 +435,10 @@ def resolve(path_or_id, *, use_ema: bool = True, param_dtype: str = "float32",
     kwargs.update(use_ema=use_ema, param_dtype=str(param_dtype), num_codebooks=num_codebooks)
     dst = _port_atomically(spec, snapshot, src, ported_dir(spec, commit, **options), kwargs)
     if not _COMMIT.match(rev):   # remember the branch for offline use without the Hub cache
-        _write_atomic(_inside(_repo_dir(spec.repo_id), "refs", rev), commit)
+        with atomic.atomic_write(_inside(_repo_dir(spec.repo_id), "refs", rev),
+                                 directory=False) as tmp:
+            with open(tmp, "w") as f:
+                f.write(commit)
     return dst
 
 
