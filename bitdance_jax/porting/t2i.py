@@ -28,9 +28,6 @@ RELEASED_FILES = ("config.json", "tokenizer.json", "ae.safetensors", "ae_config.
 LLM_SINGLE_FILE = "model.safetensors"
 LLM_INDEX_FILE = "model.safetensors.index.json"
 
-def _abstract_llm(config: T2IConfig, param_dtype):
-    return qwen3.abstract_qwen3_params(config.llm, param_dtype=param_dtype)
-
 
 def _llm_shard_files(src: str) -> list[str]:
     """The LLM weight files of a folder: the index's shards (all must exist) or model.safetensors."""
