@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Sequence
 
@@ -18,38 +17,15 @@ from bitdance_jax import hub
 from bitdance_jax import images as image_lib
 from bitdance_jax.c2i import sampler
 from bitdance_jax.c2i import config as c2i_config
-from bitdance_jax.c2i.config import DEFAULT_CFG_SCALES, BitDanceConfig, released_name
-from bitdance_jax.c2i.model import to_unscanned
-from bitdance_jax.checkpointing import fingerprint, param_dir
+from bitdance_jax.c2i import io as c2i_io
+from bitdance_jax.c2i.config import BitDanceConfig
+from bitdance_jax.c2i.io import KIND, save_model  # noqa: F401  (public names)
 from bitdance_jax.nn.precision import PrecisionLike
 from bitdance_jax.parallel import sharding
 from bitdance_jax.tokenizer.api import Tokenizer
 from bitdance_jax.tokenizer.model import TokenizerConfig
 
-KIND = "bitdance_c2i"
 DEFAULT_SAMPLING_STEPS = 100   # Euler-Maruyama steps of the head per AR step (reference default)
-
-
-def save_model(dst: str, config: BitDanceConfig, params, tokenizer_config: TokenizerConfig,
-               *, default_cfg_scale: float | None = None, overwrite: bool = False,
-               source: str = "") -> str:
-    """Write a (trained) model with its tokenizer: params {"model", "head", "tokenizer"} in
-    the layer layout of ``config``. The directory always holds the unscanned layout (and says
-    ``scan_layers: false``), so it loads whatever layout the writer trained with.
-    ``default_cfg_scale`` None: the released model's guidance, else 4.6 (``default_cfg_scale``
-    of ``c2i.config``). The metadata records the tokenizer's params digest
-    (``tokenizer_params``, ``fingerprint.tree_digest``): the key of the latent cache it
-    trained on."""
-    params = to_unscanned(params, config)
-    config = dataclasses.replace(config, scan_layers=False)
-    name = released_name(config)
-    if default_cfg_scale is None:
-        default_cfg_scale = c2i_config.default_cfg_scale(name)
-    extra = {"tokenizer": tokenizer_config.to_dict(), "source": source,
-             "tokenizer_params": fingerprint.tree_digest(params["tokenizer"]),
-             "released_name": name, "default_cfg_scale": float(default_cfg_scale)}
-    return param_dir.save_param_dir(dst, KIND, config.to_dict(), params, overwrite=overwrite,
-                                     extra=extra)
 
 
 class BitDanceModel:
@@ -70,7 +46,7 @@ class BitDanceModel:
         self.params = {"model": params["model"], "head": params["head"]}
         self.tokenizer = tokenizer
         if default_cfg_scale is None:
-            default_cfg_scale = c2i_config.default_cfg_scale(released_name(config))
+            default_cfg_scale = c2i_config.default_cfg_scale(config)
         self.default_cfg_scale = float(default_cfg_scale)
         self.sampler = sampler.Sampler(config, dtype=dtype, mesh=mesh, precision=precision,
                                        attention_impl=attention_impl)
@@ -124,34 +100,15 @@ class BitDanceModel:
                                                sample_indices))
 
 
-def stored_cfg_scale(meta: dict, config: BitDanceConfig) -> float:
-    """The guidance a directory samples with by default: the one it records, except in
-    directories without one or ported before unknown architectures defaulted to 4.6 (they
-    recorded 1.0, i.e. no guidance); those get ``default_cfg_scale`` (4.6, with a note)."""
-    name = released_name(config)
-    stored = meta.get("default_cfg_scale")
-    old_port_fallback = ("weights" in meta and stored == 1.0
-                         and name not in DEFAULT_CFG_SCALES)
-    if stored is None or old_port_fallback:
-        return c2i_config.default_cfg_scale(name)
-    return float(stored)
-
-
 def load_model(path: str, dtype=None, mesh=None, precision: PrecisionLike = None,
                attention_impl: str = "auto") -> BitDanceModel:
     """Load a ported (or trained) class-conditional directory, or a Hub id ``hf:owner/name``
     (downloaded and ported once, see ``bitdance_jax.hub``). ``dtype`` None: bf16-mixed on
     GPU/TPU, float32 on CPU; ``precision``: matmul precision (``nn.precision``)."""
-    path = hub.resolve(path)
-    meta = param_dir.read_meta(path)
-    if meta.get("kind") != KIND:
-        raise param_dir.CheckpointError(f"{path} holds a '{meta.get('kind')}' checkpoint, not a "
-                                         f"class-conditional BitDance model ('{KIND}')")
-    _, params = param_dir.load_param_dir(path, KIND)
-    config = BitDanceConfig.from_dict(meta["config"])
+    meta, config, params = c2i_io.load(hub.resolve(path))
     # the decoder stays in float32 whatever the transformer's compute dtype
     tokenizer = Tokenizer(TokenizerConfig(**meta["tokenizer"]), params["tokenizer"],
                           precision=precision)
-    return BitDanceModel(config, params, tokenizer, default_cfg_scale=stored_cfg_scale(meta, config),
+    return BitDanceModel(config, params, tokenizer, default_cfg_scale=c2i_config.default_cfg_scale(meta),
                          dtype=dtype, mesh=mesh, precision=precision,
                          attention_impl=attention_impl)

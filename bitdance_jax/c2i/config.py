@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Mapping
 
 import jax
@@ -166,10 +167,30 @@ DEFAULT_CFG_SCALES = {"BitDance-B-1x": 3.2, "BitDance-B-4x": 3.9, "BitDance-B-16
 FALLBACK_CFG_SCALE = 4.6
 
 
-def default_cfg_scale(name: str | None, *, announce: bool = True) -> float:
-    """Guidance a model samples with unless told: the reference README's value for the
-    released models it lists, else the reference sampling scripts' default 4.6 (with a note
-    on stdout when ``announce``)."""
+def default_cfg_scale(model: str | os.PathLike | BitDanceConfig | Mapping[str, Any] | None,
+                      *, announce: bool = True) -> float:
+    """The guidance a model samples with unless told: the one function every caller asks.
+
+    ``model``: a released name (or None), a ``BitDanceConfig``, a class-conditional
+    directory or its metadata (``bitdance.json`` as a dict). A directory samples with the
+    guidance it records, except one without any or ported before unknown architectures
+    defaulted to 4.6 (it recorded 1.0 with its ``"weights"``, i.e. no guidance). Otherwise:
+    the reference README's value for the released models it lists, else the reference
+    sampling scripts' default 4.6 (with a note on stdout when ``announce``)."""
+    if isinstance(model, Mapping):
+        name = released_name(BitDanceConfig.from_dict(model["config"]))
+        stored = model.get("default_cfg_scale")
+        old_port_fallback = ("weights" in model and stored == 1.0
+                             and name not in DEFAULT_CFG_SCALES)
+        if stored is None or old_port_fallback:
+            return default_cfg_scale(name, announce=announce)
+        return float(stored)
+    if isinstance(model, BitDanceConfig):
+        return default_cfg_scale(released_name(model), announce=announce)
+    if model is not None and model not in RELEASED_MODELS and os.path.isdir(model):
+        from bitdance_jax.checkpointing import param_dir   # reading a directory needs Orbax
+        return default_cfg_scale(param_dir.read_meta(os.fspath(model)), announce=announce)
+    name = model
     if name in DEFAULT_CFG_SCALES:
         return DEFAULT_CFG_SCALES[name]
     if announce:

@@ -23,11 +23,11 @@ import numpy as np
 from flax import linen as nn
 
 from bitdance_jax.nn import kv_cache, patching
-from bitdance_jax.porting import convention as porting
 from bitdance_jax.c2i.config import REMAT_POLICIES, BitDanceConfig
 from bitdance_jax.nn.attention import attention
 from bitdance_jax.nn.diffusion_head import DiffusionNet
 from bitdance_jax.nn.layers import RMSNorm, dense, embed, swiglu
+from bitdance_jax.nn.params import abstract_params
 from bitdance_jax.nn.precision import PrecisionLike
 
 Dtype = Any
@@ -331,8 +331,8 @@ def example_inputs(config: BitDanceConfig, batch: int = 1):
 
 def abstract_backbone_params(config: BitDanceConfig, param_dtype: Dtype = jnp.float32):
     """Boxed abstract params of ``BitDanceBackbone(config)`` (no allocation)."""
-    return porting.abstract_params(BitDanceBackbone(config, param_dtype=param_dtype),
-                                   *example_inputs(config))
+    return abstract_params(BitDanceBackbone(config, param_dtype=param_dtype),
+                           *example_inputs(config))
 
 
 def init_params(config: BitDanceConfig, rng, param_dtype: Dtype = jnp.float32) -> dict:

@@ -15,7 +15,8 @@ import os
 import shutil
 
 
-def _remove(path: str) -> None:
+def remove(path: str) -> None:
+    """Delete a file, link or directory tree, if there."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
@@ -58,8 +59,8 @@ def _fsync_tree(path: str) -> None:
 
 def _prepare(dst: str, tmp: str, directory: bool) -> None:
     recover(dst)
-    _remove(dst + PREVIOUS)  # the old copy of a replace that crashed after its rename
-    _remove(tmp)  # left over by an interrupted earlier attempt
+    remove(dst + PREVIOUS)  # the old copy of a replace that crashed after its rename
+    remove(tmp)  # left over by an interrupted earlier attempt
     os.makedirs(tmp if directory else os.path.dirname(dst), exist_ok=True)
 
 
@@ -105,7 +106,7 @@ def atomic_write(dst: str, *, directory: bool, all_processes: bool = False):
         try:
             yield tmp
         except BaseException:
-            _remove(tmp)
+            remove(tmp)
             raise
         _move_into_place(tmp, dst, directory)
         return
@@ -120,7 +121,7 @@ def atomic_write(dst: str, *, directory: bool, all_processes: bool = False):
         # No barrier on this path: the others learn of it as a barrier timeout or, when this
         # process exits, from the distributed client's heartbeat.
         if main:
-            _remove(tmp)
+            remove(tmp)
         raise
     distributed.barrier(_barrier_name("atomic_write.written", dst))
     if main:

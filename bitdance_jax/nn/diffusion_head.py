@@ -9,7 +9,7 @@ Three reference variants share one module (``DiffusionNet``):
 * ``variant='t2i'``: TransEncoder of flow_head_parallel_x.py (n_head = C // 128, SwiGLU or
   Linear-SiLU-Linear MLP, output squashed to (-1, 1) by 2*sigmoid - 1).
 
-Submodule names follow the torch keys under ``net.*`` through ``bitdance_jax.porting``.
+Submodule names follow the torch keys under ``net.*`` (mapped by ``bitdance_jax.porting.head``).
 
 Initialisation (the reference re-initialises its head after the model-wide N(0, 0.02)):
 every Linear Xavier-uniform with zero bias, except the timestep MLP (N(0, 0.02), zero
@@ -24,12 +24,11 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
-from bitdance_jax.porting import convention as porting
 from bitdance_jax.nn.attention import attention
 from bitdance_jax.nn.layers import dense, layer_norm, linear_init, swiglu, xavier_init, zero_init
+from bitdance_jax.nn.params import abstract_params
 from bitdance_jax.nn.precision import PrecisionLike
 
 Dtype = Any
@@ -146,31 +145,6 @@ class HeadConfig:
                    time_shift=float(kwargs.get("time_shift", 1.0)),
                    P_mean=float(kwargs.get("P_mean", 0.0)), P_std=float(kwargs.get("P_std", 1.0)),
                    diff_batch_mul=int(kwargs.get("diff_batch_mul", 1)))
-
-
-def infer_head_config(shapes: Mapping[str, Any], variant: str, prefix: str = "net.",
-                      **overrides) -> HeadConfig:
-    """Architecture of a head from its torch state_dict (or key -> shape map) under ``prefix``.
-
-    ``parallel_num`` does not show in the weights: for TransEncoders it defaults to 4 unless
-    given in ``overrides`` (schedule values too: time_shift, P_mean, P_std, diff_batch_mul).
-    """
-    def shape(key):
-        return porting.key_shape(shapes, prefix + key, "diffusion head weights")
-
-    def count(group):
-        head = f"{prefix}{group}."
-        return len({k[len(head):].split(".")[0] for k in shapes if k.startswith(head)})
-
-    ch_latent, ch_target = shape("input_proj.weight")
-    mlp_encoder = f"{prefix}res_blocks.0.norm.weight" in shapes
-    fields = dict(ch_target=ch_target, ch_cond=shape("cond_embed.weight")[1], ch_latent=ch_latent,
-                  depth_latent=count("res_blocks"), depth_adanln=count("ada_ln_blocks"),
-                  variant=variant,
-                  parallel_num=1 if mlp_encoder else 4,
-                  use_swiglu=f"{prefix}res_blocks.0.mlp.0.weight" not in shapes)
-    fields.update(overrides)
-    return HeadConfig(**fields)
 
 
 def timestep_embedding(t: jax.Array, dim: int = FREQ_EMBED_DIM, max_period: float = 10000.0
@@ -357,16 +331,6 @@ def example_inputs(config: HeadConfig, batch: int = 1):
 def abstract_head_params(config: HeadConfig, dtype: Dtype = jnp.float32,
                          param_dtype: Dtype = jnp.float32):
     """Boxed abstract params of ``DiffusionNet(config)`` (no allocation)."""
-    return porting.abstract_params(DiffusionNet(config, dtype=dtype, param_dtype=param_dtype),
-                                   *example_inputs(config))
+    return abstract_params(DiffusionNet(config, dtype=dtype, param_dtype=param_dtype),
+                           *example_inputs(config))
 
-
-def port_head_state_dict(sd: Mapping[str, Any], config: HeadConfig, prefix: str = "net.",
-                         param_dtype: Dtype = jnp.float32) -> dict:
-    """Strictly port the torch head weights under ``prefix`` (``head.net.`` in the ImageNet
-    .pt, ``net.`` in vision_head.safetensors); keys outside ``prefix`` are ignored."""
-    head_sd = {k[len(prefix):]: np.asarray(v) for k, v in sd.items() if k.startswith(prefix)}
-    if not head_sd:
-        raise porting.PortingError(f"no keys under {prefix!r} in the head weights")
-    return porting.convert_state_dict(head_sd, abstract_head_params(config, param_dtype=param_dtype),
-                                      what=f"diffusion head weights under {prefix!r}")

@@ -7,11 +7,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bitdance_jax.c2i.api import KIND
-from bitdance_jax.c2i.config import MODEL_SIZES, RELEASED_MODELS, BitDanceConfig, default_cfg_scale, inference_config, released_name
+from bitdance_jax.c2i import io as c2i_io
+from bitdance_jax.c2i.config import MODEL_SIZES, RELEASED_MODELS, BitDanceConfig, inference_config
 from bitdance_jax.c2i.model import abstract_backbone_params, from_unscanned
-from bitdance_jax.checkpointing import param_dir
-from bitdance_jax.nn.diffusion_head import infer_head_config, port_head_state_dict
+from bitdance_jax.porting.head import infer_head_config, port_head_state_dict
 from bitdance_jax.porting import convention as porting
 from bitdance_jax.porting.tokenizer import infer_tokenizer_config, port_tokenizer_state_dict
 
@@ -149,8 +148,5 @@ def port_imagenet_checkpoint(src_pt: str, dst: str, use_ema: bool = True,
         raise porting.PortingError(f"{what}: {tok_cfg.z_channels} latent channels, the model "
                                    f"uses {cfg.latent_dim}")
     params["tokenizer"] = port_tokenizer_state_dict(tok_sd, tok_cfg, prefix=tok_prefix, what=what)
-    name = released_name(cfg)
-    extra = {"tokenizer": tok_cfg.to_dict(), "source": str(src_pt), "weights": which,
-             "released_name": name, "default_cfg_scale": default_cfg_scale(name)}
-    return param_dir.save_param_dir(dst, KIND, cfg.to_dict(), params, overwrite=overwrite,
-                                    extra=extra)
+    return c2i_io.save_model(dst, cfg, params, tok_cfg, overwrite=overwrite, source=str(src_pt),
+                             weights=which)

@@ -17,10 +17,11 @@ import os
 import re
 from typing import Any, Callable, Mapping
 
-import jax
 import numpy as np
 from flax import traverse_util
 from flax import linen as nn
+
+from bitdance_jax.nn.params import abstract_params  # noqa: F401  (porting's callers build targets with it)
 
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
 
@@ -46,12 +47,6 @@ def torch_to_flax_array(leaf: str, value: np.ndarray) -> np.ndarray:
         if value.ndim == 2:   # linear (out, in) -> (in, out)
             return value.T
         raise PortingError(f"kernel of unexpected rank {value.ndim}")
-    return value
-
-
-def flax_to_torch_array(leaf: str, value: np.ndarray) -> np.ndarray:
-    if leaf == "kernel":
-        return np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4 else value.T
     return value
 
 
@@ -180,9 +175,3 @@ def read_json(path: str, what: str) -> dict:
         raise PortingError(f"{what}: {path} should hold a JSON object, found a {type(data).__name__}")
     return data
 
-
-def abstract_params(module: nn.Module, *example_args, method=None, **kwargs):
-    """Boxed abstract params of ``module`` (no memory): ``jax.eval_shape`` of ``init``."""
-    def init(rng, *args):
-        return module.init(rng, *args, method=method, **kwargs)["params"]
-    return jax.eval_shape(init, jax.random.key(0), *example_args)

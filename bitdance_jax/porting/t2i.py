@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Callable, Sequence
 
 import jax
@@ -11,14 +10,14 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from bitdance_jax.checkpointing import param_dir
-from bitdance_jax.nn.diffusion_head import port_head_state_dict
+from bitdance_jax.porting.head import port_head_state_dict
 from bitdance_jax.parallel.sharding import divisible_logical_sharding
 from bitdance_jax.porting import convention as porting
 from bitdance_jax.porting.tokenizer import (infer_tokenizer_config, port_tokenizer_state_dict,
                                            read_ae_config)
 from bitdance_jax.t2i import qwen3
-from bitdance_jax.t2i.config import KIND, RELEASED_SIZES, T2IConfig
+from bitdance_jax.t2i import io as t2i_io
+from bitdance_jax.t2i.config import RELEASED_SIZES, T2IConfig
 from bitdance_jax.t2i.model import Projector
 from bitdance_jax.t2i.prompts import TEXT_TOKENIZER_FILES
 
@@ -28,9 +27,6 @@ RELEASED_FILES = ("config.json", "tokenizer.json", "ae.safetensors", "ae_config.
                   "vision_head.safetensors", "vision_head_config.json", "projector.safetensors")
 LLM_SINGLE_FILE = "model.safetensors"
 LLM_INDEX_FILE = "model.safetensors.index.json"
-
-def _abstract_llm(config: T2IConfig, param_dtype):
-    return qwen3.abstract_qwen3_params(config.llm, param_dtype=param_dtype)
 
 
 def _llm_shard_files(src: str) -> list[str]:
@@ -156,13 +152,10 @@ def port_t2i_folder(src: str, dst: str, *, param_dtype=jnp.float32, overwrite: b
     """Released folder -> self-describing dir (``bitdance.json`` + Orbax params + text
     tokenizer files). The tokenizer part is also loadable with ``load_tokenizer(dst)``."""
     config, params = read_released_folder(src, param_dtype=param_dtype)
-    param_dir.save_param_dir(dst, KIND, config.to_dict(), params, overwrite=overwrite,
-                              extra={"tokenizer": config.tokenizer.to_dict(),
-                                     "source": os.path.basename(os.path.abspath(src))})
-    for name in TEXT_TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-    return dst
+    files = {name: os.path.join(src, name) for name in TEXT_TOKENIZER_FILES
+             if os.path.isfile(os.path.join(src, name))}
+    return t2i_io.save_t2i(dst, config, params, source=os.path.basename(os.path.abspath(src)),
+                           text_tokenizer_files=files, overwrite=overwrite)
 
 
 # Fields of config.llm that must equal a pretrained folder's config.json (vocab_size may grow).

@@ -8,8 +8,8 @@ from typing import Mapping
 import numpy as np
 
 from bitdance_jax.porting import convention as porting
-from bitdance_jax.tokenizer.api import abstract_tokenizer_params, save_tokenizer
-from bitdance_jax.tokenizer.model import TokenizerConfig
+from bitdance_jax.tokenizer.io import save_tokenizer
+from bitdance_jax.tokenizer.model import TokenizerConfig, abstract_tokenizer_params
 
 def infer_tokenizer_config(state_dict: Mapping[str, np.ndarray], prefix: str = "",
                            num_codebooks: int | None = None) -> TokenizerConfig:

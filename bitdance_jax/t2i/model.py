@@ -10,13 +10,13 @@ from flax import linen as nn
 
 from bitdance_jax.nn.diffusion_head import DiffusionNet
 from bitdance_jax.nn.layers import dense, torch_bias_init, torch_linear_init
+from bitdance_jax.nn.params import abstract_params
 from bitdance_jax.nn.precision import PrecisionLike
 from bitdance_jax.nn.patching import patchify
 from bitdance_jax.parallel.sharding import divisible_logical_sharding
-from bitdance_jax.porting.convention import abstract_params
 from bitdance_jax.t2i import qwen3
 from bitdance_jax.t2i.config import POS_EMBED_MAX_PIXELS, T2IConfig
-from bitdance_jax.tokenizer.api import abstract_tokenizer_params
+from bitdance_jax.tokenizer.model import abstract_tokenizer_params
 
 Dtype = Any
 

@@ -14,16 +14,15 @@ from flax import linen as nn
 
 from bitdance_jax import hub
 from bitdance_jax import images as image_lib
-from bitdance_jax.checkpointing import param_dir
 from bitdance_jax.checkpointing.atomic import recover
 from bitdance_jax.nn.diffusion_head import DiffusionNet
 from bitdance_jax.nn.precision import PrecisionLike, resolve_dtype
 from bitdance_jax.nn.patching import unpatchify
-from bitdance_jax.parallel.sharding import divisible_logical_sharding
 from bitdance_jax.porting.t2i import read_released_folder
+from bitdance_jax.t2i import io as t2i_io
 from bitdance_jax.t2i import qwen3
-from bitdance_jax.t2i.config import KIND, T2IConfig
-from bitdance_jax.t2i.model import (Projector, abstract_t2i_params, place_params, position_embed_2d,
+from bitdance_jax.t2i.config import T2IConfig
+from bitdance_jax.t2i.model import (Projector, place_params, position_embed_2d,
                                     position_table)
 from bitdance_jax.t2i.prompts import UNCOND_PROMPT, TextTokenizer, cond_prompt
 from bitdance_jax.sampling import next_patch
@@ -44,21 +43,8 @@ def load_t2i(path: str, *, param_dtype=jnp.float32, dtype=None, mesh=None,
     recover(os.path.abspath(path))  # a crash while an export was being replaced
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
-    if os.path.isfile(os.path.join(path, param_dir.META_FILE)):
-        meta = param_dir.read_meta(path)
-        if meta.get("kind") != KIND:
-            raise param_dir.CheckpointError(f"{path} holds a '{meta.get('kind')}' checkpoint, "
-                                             f"expected '{KIND}'")
-        config = T2IConfig.from_dict(meta["config"])
-        abstract = abstract_t2i_params(config, param_dtype)
-        if mesh is None:
-            shardings = jax.tree.map(lambda _: None, nn.unbox(abstract))
-        else:
-            shardings = divisible_logical_sharding(abstract, mesh)
-        # Restore straight into the target dtype (and onto the mesh: no full host copy).
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              nn.unbox(abstract), shardings)
-        _, params = param_dir.load_param_dir(path, KIND, target=target)
+    if t2i_io.is_t2i_dir(path):
+        config, params = t2i_io.load(path, param_dtype=param_dtype, mesh=mesh)
     else:
         config, params = read_released_folder(path, param_dtype=param_dtype, mesh=mesh)
         if mesh is not None:

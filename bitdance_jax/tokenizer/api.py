@@ -8,23 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitdance_jax import hub
-from bitdance_jax.checkpointing import param_dir
 from bitdance_jax.nn.precision import PrecisionLike
-from bitdance_jax.porting.convention import abstract_params
-from bitdance_jax.tokenizer.model import (BinaryAutoencoder, TokenizerConfig, bits_to_indices,
+from bitdance_jax.tokenizer import io as tokenizer_io
+from bitdance_jax.tokenizer.io import KIND, save_tokenizer  # noqa: F401  (public names)
+from bitdance_jax.tokenizer.model import (BinaryAutoencoder, TokenizerConfig,  # noqa: F401
+                                          abstract_tokenizer_params, bits_to_indices,
                                           quantize_signs)
-
-KIND = "tokenizer"
-
-def abstract_tokenizer_params(config: TokenizerConfig, param_dtype=jnp.float32):
-    """Param shapes of the tokenizer without allocating it."""
-    f = config.downsample_factor
-    model = BinaryAutoencoder(config, param_dtype=param_dtype)
-    images = jax.ShapeDtypeStruct((1, f, f, config.in_channels), jnp.float32)
-    noise = jax.ShapeDtypeStruct((1, 1, 1, config.z_channels), jnp.float32) \
-        if config.gan_decoder else None
-    return abstract_params(model, images, noise)
-
 
 
 class Tokenizer:
@@ -93,24 +82,7 @@ class Tokenizer:
         return self._chunked(self._decode, bits, np.asarray(noise, np.float32))
 
 
-def save_tokenizer(dst: str, config: TokenizerConfig, params, *, source: str | None = None,
-                   overwrite: bool = False) -> str:
-    extra = {"source": source} if source else None
-    return param_dir.save_param_dir(dst, KIND, config.to_dict(), params, overwrite=overwrite,
-                                     extra=extra)
-
-
 def load_tokenizer(path: str, dtype=jnp.float32, precision: PrecisionLike = None) -> Tokenizer:
     """Load a ported (or trained) tokenizer directory, or a Hub id ``hf:owner/name``."""
-    path = hub.resolve(path)
-    meta = param_dir.read_meta(path)
-    if meta.get("kind") == KIND:
-        cfg_dict = meta["config"]
-        _, params = param_dir.load_param_dir(path, KIND)
-    elif "tokenizer" in meta:  # a model directory that embeds its tokenizer
-        cfg_dict = meta["tokenizer"]
-        _, all_params = param_dir.load_param_dir(path)
-        params = all_params["tokenizer"]
-    else:
-        raise param_dir.CheckpointError(f"{path} holds no tokenizer (kind '{meta.get('kind')}')")
-    return Tokenizer(TokenizerConfig(**cfg_dict), params, dtype=dtype, precision=precision)
+    config, params = tokenizer_io.load(hub.resolve(path))
+    return Tokenizer(config, params, dtype=dtype, precision=precision)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bitdance_jax.nn.layers import conv, dense, group_norm, torch_linear_init
+from bitdance_jax.nn.params import abstract_params
 from bitdance_jax.nn.precision import PrecisionLike, lax_precision
 
 Dtype = Any
@@ -317,3 +318,13 @@ class BinaryAutoencoder(nn.Module):
         """Training forward: straight-through quantization; returns (recon, h)."""
         h = self.encoder(images)
         return self.decoder(straight_through(h), noise), h
+
+
+def abstract_tokenizer_params(config: TokenizerConfig, param_dtype=jnp.float32):
+    """Param shapes of the tokenizer without allocating it."""
+    f = config.downsample_factor
+    model = BinaryAutoencoder(config, param_dtype=param_dtype)
+    images = jax.ShapeDtypeStruct((1, f, f, config.in_channels), jnp.float32)
+    noise = jax.ShapeDtypeStruct((1, 1, 1, config.z_channels), jnp.float32) \
+        if config.gan_decoder else None
+    return abstract_params(model, images, noise)

@@ -140,3 +140,16 @@ def test_old_ports_that_recorded_no_guidance_load_with_4_6(tmp_path, params, tok
     trained = save(tmp_path / "trained", params, tokenizer_params, default_cfg_scale=1.0,
                    source="bitdance_jax.train")
     assert api.load_model(trained).default_cfg_scale == 1.0
+
+
+def test_one_function_gives_the_default_guidance(tmp_path, params, tokenizer_params, capsys):
+    """``default_cfg_scale`` answers for a name, a config, a directory and its metadata alike,
+    and loading asks it (a directory's recorded scale, with the old-port fallback)."""
+    assert default_cfg_scale(RELEASED_MODELS["BitDance-B-16x"]) == 6.1
+    assert default_cfg_scale(CONFIG, announce=False) == 4.6
+    chosen = save(tmp_path / "chosen", params, tokenizer_params, default_cfg_scale=2.5)
+    assert default_cfg_scale(chosen) == 2.5 == api.load_model(chosen).default_cfg_scale
+    meta = dict(param_dir.read_meta(chosen), default_cfg_scale=1.0, weights="ema")
+    assert default_cfg_scale(meta, announce=False) == 4.6     # an old port: no guidance recorded
+    del meta["weights"]
+    assert default_cfg_scale(meta) == 1.0                      # a trained export chose 1.0

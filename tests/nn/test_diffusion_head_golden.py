@@ -10,8 +10,8 @@ import golden
 from flax import linen as nn
 
 from bitdance_jax.porting import convention as porting
-from bitdance_jax.nn.diffusion_head import (DiffusionNet, HeadConfig, abstract_head_params,
-                                         infer_head_config, port_head_state_dict)
+from bitdance_jax.nn.diffusion_head import DiffusionNet, HeadConfig, abstract_head_params
+from bitdance_jax.porting.head import infer_head_config, port_head_state_dict
 from bitdance_jax.nn.flow import flow_matching_loss
 from bitdance_jax.parallel.sharding import logical_sharding, make_mesh
 

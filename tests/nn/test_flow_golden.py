@@ -8,7 +8,8 @@ import pytest
 
 import golden
 from bitdance_jax.porting import convention as porting
-from bitdance_jax.nn.diffusion_head import DiffusionNet, HeadConfig, port_head_state_dict
+from bitdance_jax.nn.diffusion_head import DiffusionNet, HeadConfig
+from bitdance_jax.porting.head import port_head_state_dict
 from bitdance_jax.nn.flow import euler_maruyama, sampling_times, shift_time
 
 HIGHEST = golden.MATMUL_PRECISION

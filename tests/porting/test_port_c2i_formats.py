@@ -10,6 +10,7 @@ import pytest
 from flax import linen as nn
 
 import golden
+from bitdance_jax.checkpointing import fingerprint
 from bitdance_jax.porting import convention as porting
 from bitdance_jax.nn.diffusion_head import abstract_head_params
 from bitdance_jax.c2i.config import DEFAULT_CFG_SCALES, RELEASED_MODELS, BitDanceConfig, released_name
@@ -151,6 +152,8 @@ def test_raw_weights_instead_of_ema(tmp_path):
         dst = port_imagenet_checkpoint(src, str(tmp_path / str(use_ema)), use_ema=use_ema, n_head=4)
         meta, params = load_param_dir(dst)
         assert meta["weights"] == ("ema" if use_ema else "model")
+        # written by c2i.io.save_model, as a trained export: the tokenizer's digest too
+        assert meta["tokenizer_params"] == fingerprint.tree_digest(params["tokenizer"])
         np.testing.assert_array_equal(params["model"]["norm"]["scale"], sd["norm.weight"])
         np.testing.assert_array_equal(params["head"]["final_layer"]["linear"]["kernel"],
                                       sd["head.net.final_layer.linear.weight"].T)

@@ -162,7 +162,7 @@ class BitDanceTask(Task):
         return image_lib.save_png(image_lib.make_grid(images, self.config.sample.per_class), path)
 
     def export(self, ema_params, dst):
-        from bitdance_jax.c2i.api import save_model
+        from bitdance_jax.c2i.io import save_model
         params = {"model": ema_params["model"], "head": ema_params["head"],
                   "tokenizer": jax.device_get(self.tokenizer.params)}
         return save_model(dst, self.model_config, params, self.tokenizer.config,

@@ -22,15 +22,16 @@ from flax import linen as nn
 
 from bitdance_jax import images as image_lib
 from bitdance_jax.c2i.loss import flip_bits
-from bitdance_jax.checkpointing import fingerprint, param_dir
+from bitdance_jax.checkpointing import fingerprint
 from bitdance_jax.data import captions, latent_cache, packing
 from bitdance_jax.data.word_tokenizer import build_word_tokenizer, extend_text_tokenizer
 from bitdance_jax.nn import patching
 from bitdance_jax.nn.layers import DTYPES
 from bitdance_jax.parallel import distributed
 from bitdance_jax.porting import t2i as t2i_porting
+from bitdance_jax.t2i import io as t2i_io
 from bitdance_jax.t2i import qwen3
-from bitdance_jax.t2i.config import KIND, T2IConfig
+from bitdance_jax.t2i.config import T2IConfig
 from bitdance_jax.t2i.loss import PackedT2IModel
 from bitdance_jax.t2i.pipeline import T2IPipeline
 from bitdance_jax.t2i.prompts import TextTokenizer
@@ -295,8 +296,6 @@ class T2ITask(Task):
                                  "tokenizer": self.tokenizer.params})
         # Every process (the Orbax save is a collective); the tokenizer file is copied once,
         # into the directory before it is renamed into place.
-        return param_dir.save_param_dir(
-            dst, KIND, self.model_config.to_dict(), params, overwrite=True,
-            extra={"tokenizer": self.tokenizer.config.to_dict(), "source": "bitdance_jax.train",
-                   "tokenizer_params": fingerprint.tree_digest(self.tokenizer.params)},
-            extra_files={TEXT_TOKENIZER_FILE: self.text_tokenizer_path})
+        return t2i_io.save_t2i(dst, self.model_config, params, source="bitdance_jax.train",
+                               text_tokenizer_files={TEXT_TOKENIZER_FILE: self.text_tokenizer_path},
+                               overwrite=True)
