@@ -33,12 +33,13 @@ class BitDanceModel:
 
     ``default_cfg_scale`` None: the released model's guidance, else 4.6 (with a note).
     ``dtype`` None: the backend's sampling default (bf16-mixed on GPU/TPU, float32 on CPU).
+    ``quantize``: the mode of the model and head kernels in ``params`` (``nn.quant``).
     """
 
     def __init__(self, config: BitDanceConfig, params, tokenizer: Tokenizer, *,
                  default_cfg_scale: float | None = None, dtype=None, mesh=None,
                  decode_chunk: int = 32, precision: PrecisionLike = None,
-                 attention_impl: str = "auto"):
+                 attention_impl: str = "auto", quantize: str | None = None):
         if tokenizer.config.z_channels != config.latent_dim:
             raise ValueError(f"tokenizer has {tokenizer.config.z_channels} latent channels, "
                              f"the model {config.latent_dim}")
@@ -49,7 +50,7 @@ class BitDanceModel:
             default_cfg_scale = c2i_config.default_cfg_scale(config)
         self.default_cfg_scale = float(default_cfg_scale)
         self.sampler = sampler.Sampler(config, dtype=dtype, mesh=mesh, precision=precision,
-                                       attention_impl=attention_impl)
+                                       attention_impl=attention_impl, quantize=quantize)
         self.decode_chunk = decode_chunk
         self._decode = jax.jit(functools.partial(tokenizer.model.apply, method="decode"))
         self._tokenizer_params = None
@@ -101,14 +102,16 @@ class BitDanceModel:
 
 
 def load_model(path: str, dtype=None, mesh=None, precision: PrecisionLike = None,
-               attention_impl: str = "auto") -> BitDanceModel:
+               attention_impl: str = "auto", quantize: str | None = None) -> BitDanceModel:
     """Load a ported (or trained) class-conditional directory, or a Hub id ``hf:owner/name``
     (downloaded and ported once, see ``bitdance_jax.hub``). ``dtype`` None: bf16-mixed on
-    GPU/TPU, float32 on CPU; ``precision``: matmul precision (``nn.precision``)."""
-    meta, config, params = c2i_io.load(hub.resolve(path))
+    GPU/TPU, float32 on CPU; ``precision``: matmul precision (``nn.precision``);
+    ``quantize`` ("int8", "fp8"): weight-only quantized model and head kernels
+    (``nn.quant``; a directory ported with ``--quantize`` loads as stored)."""
+    meta, config, params = c2i_io.load(hub.resolve(path, quantize=quantize), quantize=quantize)
     # the decoder stays in float32 whatever the transformer's compute dtype
     tokenizer = Tokenizer(TokenizerConfig(**meta["tokenizer"]), params["tokenizer"],
                           precision=precision)
     return BitDanceModel(config, params, tokenizer, default_cfg_scale=c2i_config.default_cfg_scale(meta),
                          dtype=dtype, mesh=mesh, precision=precision,
-                         attention_impl=attention_impl)
+                         attention_impl=attention_impl, quantize=meta.get("quantization"))

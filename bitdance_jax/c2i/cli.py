@@ -185,6 +185,9 @@ def main(argv=None) -> int:
                          "params stay float32)")
     ap.add_argument("--matmul-precision", choices=sorted(MATMUL_PRECISIONS), default="default",
                     help="precision of float32 matmuls")
+    ap.add_argument("--quantize", choices=("int8", "fp8"), default=None,
+                    help="weight-only quantized model/head kernels (a directory ported with "
+                         "--quantize loads as stored)")
     ap.add_argument("--out", help="PNG grid of the --class-ids samples")
     ap.add_argument("--ncol", type=int, default=None, help="grid columns")
     ap.add_argument("--num-samples", type=int, help="number of samples for --npz")
@@ -199,7 +202,8 @@ def main(argv=None) -> int:
         if bool(args.out) == bool(args.npz):
             raise ValueError("give exactly one of --out (PNG grid) or --npz (with --num-samples)")
         class_ids = parse_class_ids(args.class_ids) if args.class_ids else None
-        model = load_model(args.ckpt, dtype=args.dtype, precision=args.matmul_precision)
+        model = load_model(args.ckpt, dtype=args.dtype, precision=args.matmul_precision,
+                           quantize=args.quantize)
         cfg_scale = model.default_cfg_scale if args.cfg_scale is None else args.cfg_scale
         if args.out:
             if not class_ids:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from bitdance_jax.nn import kv_cache, patching
+from bitdance_jax.nn import kv_cache, patching, quant
 from bitdance_jax.c2i.config import REMAT_POLICIES, BitDanceConfig
 from bitdance_jax.nn.attention import attention
 from bitdance_jax.nn.diffusion_head import DiffusionNet
@@ -329,10 +329,14 @@ def example_inputs(config: BitDanceConfig, batch: int = 1):
             jnp.zeros((batch,), jnp.int32))
 
 
-def abstract_backbone_params(config: BitDanceConfig, param_dtype: Dtype = jnp.float32):
-    """Boxed abstract params of ``BitDanceBackbone(config)`` (no allocation)."""
-    return abstract_params(BitDanceBackbone(config, param_dtype=param_dtype),
-                           *example_inputs(config))
+def abstract_backbone_params(config: BitDanceConfig, param_dtype: Dtype = jnp.float32,
+                             quantize: str | None = None):
+    """Boxed abstract params of ``BitDanceBackbone(config)`` (no allocation); ``quantize``:
+    with its kernels quantized (``nn.quant``)."""
+    module = BitDanceBackbone(config, param_dtype=param_dtype)
+    if quantize is None:
+        return abstract_params(module, *example_inputs(config))
+    return quant.abstract_quantized(module, quantize, *example_inputs(config))
 
 
 def init_params(config: BitDanceConfig, rng, param_dtype: Dtype = jnp.float32) -> dict:
@@ -347,11 +351,14 @@ def init_params(config: BitDanceConfig, rng, param_dtype: Dtype = jnp.float32) -
 
 
 def head_apply(config: BitDanceConfig, head_params, dtype: Dtype = jnp.float32,
-               precision: PrecisionLike = None, attention_impl: str = "auto"):
+               precision: PrecisionLike = None, attention_impl: str = "auto",
+               quantize: str | None = None):
     """net_fn(x, t, c) of the diffusion head taking [N, P, C] inputs for every P (the 1x
-    MLP head has no token axis: it is squeezed and restored here)."""
-    net = DiffusionNet(config.head_config, dtype=dtype, param_dtype=jnp.float32,
-                       precision=precision, attention_impl=attention_impl)
+    MLP head has no token axis: it is squeezed and restored here). ``quantize``: the mode
+    of the kernels in ``head_params`` (``nn.quant``)."""
+    net = quant.quantized(DiffusionNet(config.head_config, dtype=dtype, param_dtype=jnp.float32,
+                                       precision=precision, attention_impl=attention_impl),
+                          quantize)
 
     def net_fn(x, t, c):
         if config.head_config.uses_mlp_encoder:

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bitdance_jax.nn import flow
-from bitdance_jax.nn import patching
+from bitdance_jax.nn import patching, quant
 from bitdance_jax.nn.precision import PrecisionLike, resolve_dtype
 from bitdance_jax.parallel import sharding
 from bitdance_jax.sampling import next_patch
@@ -35,6 +35,7 @@ from bitdance_jax.c2i.model import BitDanceBackbone, head_apply, init_cache, uns
 Dtype = Any
 NoiseFn = Callable[[jax.Array], jax.Array]
 NULL_ROWS_STREAM = 1   # noise stream of the null-class rows (the conditional ones: 0)
+BACKBONE_METHODS = ("__call__", "prefill", "step")   # what takes quantized kernels
 
 
 def cfg_schedule(cfg_scale, step, num_steps):
@@ -45,7 +46,7 @@ def cfg_schedule(cfg_scale, step, num_steps):
 def generate(config: BitDanceConfig, params, class_ids, cfg_scale, noise_fn: NoiseFn, *,
              num_sampling_steps: int, guided: bool, dtype: Dtype = jnp.float32,
              precision: PrecisionLike = None, attention_impl: str = "auto",
-             record: bool = False):
+             record: bool = False, quantize: str | None = None):
     """Sample binary tokens [B, h*w, C] (token order) for ``class_ids`` [B] (traceable), by
     the shared next-patch loop (``sampling.next_patch``).
 
@@ -56,11 +57,13 @@ def generate(config: BitDanceConfig, params, class_ids, cfg_scale, noise_fn: Noi
     before the sign [steps, rows, P, C]).
     The KV cache runs unscanned blocks: ``params["model"]`` must have the ``layers_<i>``
     layout whatever ``config.scan_layers`` says (``Sampler`` unstacks scanned params).
+    ``quantize`` (static): the mode of the kernels in ``params`` (``nn.quant``), or None.
     """
     cfg = inference_config(config)
     numerics = dict(precision=precision, attention_impl=attention_impl)
-    backbone = BitDanceBackbone(cfg, dtype=dtype, param_dtype=jnp.float32, **numerics)
-    net_fn = head_apply(cfg, params["head"], dtype, **numerics)
+    backbone = quant.quantized(BitDanceBackbone(cfg, dtype=dtype, param_dtype=jnp.float32,
+                                                **numerics), quantize, BACKBONE_METHODS)
+    net_fn = head_apply(cfg, params["head"], dtype, quantize=quantize, **numerics)
     model_vars = {"params": params["model"]}
     b = class_ids.shape[0]
     ids = class_ids.astype(jnp.int32)
@@ -110,14 +113,14 @@ def keyed_noise(seed, sample_indices, guided: bool, num_sampling_steps: int,
 
 @functools.lru_cache(maxsize=64)
 def _sharded_program(config: BitDanceConfig, dtype, precision, attention_impl: str, mesh,
-                     batch: int, num_sampling_steps: int, guided: bool):
+                     batch: int, num_sampling_steps: int, guided: bool, quantize: str | None):
     """The jitted sampler of one shape, shared by every ``Sampler`` of the same model/mesh:
     each device runs its slice of the batch (its own cond/null doubling) independently."""
     def local(params, class_ids, sample_indices, seed, cfg_scale):
         noise_fn = keyed_noise(seed, sample_indices, guided, num_sampling_steps, config)
         tokens = generate(config, params, class_ids, cfg_scale, noise_fn,
                           num_sampling_steps=num_sampling_steps, guided=guided, dtype=dtype,
-                          precision=precision, attention_impl=attention_impl)
+                          precision=precision, attention_impl=attention_impl, quantize=quantize)
         return patching.unpatchify(tokens, config.token_patch, config.grid_size, config.grid_size)
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P("data"), P(), P()),
@@ -132,11 +135,14 @@ class Sampler:
 
     ``dtype`` None (or ``"auto"``) picks the backend's default: bf16-mixed on GPU/TPU,
     float32 on CPU (``nn.precision.default_sampling_dtype``); params stay float32.
+    ``quantize``: the mode of the params' kernels (``nn.quant``), None for float params.
     """
 
     def __init__(self, config: BitDanceConfig, dtype: Dtype | str | None = None, mesh=None,
-                 precision: PrecisionLike = None, attention_impl: str = "auto"):
+                 precision: PrecisionLike = None, attention_impl: str = "auto",
+                 quantize: str | None = None):
         self.config = config
+        self.quantize = quant.check_mode(quantize)
         self.dtype = resolve_dtype(dtype)
         self.precision = precision
         self.attention_impl = attention_impl
@@ -165,13 +171,16 @@ class Sampler:
 
     def _program(self, batch: int, num_sampling_steps: int, guided: bool):
         return _sharded_program(inference_config(self.config), self.dtype, self.precision,
-                                self.attention_impl, self.mesh, batch, num_sampling_steps, guided)
+                                self.attention_impl, self.mesh, batch, num_sampling_steps, guided,
+                                self.quantize)
 
     def _replicated(self, params):
         if self._placed[0] is not params:
             placed = {"model": params["model"], "head": params["head"]}
             if "layers" in placed["model"]:
                 placed["model"] = unstack_layer_params(placed["model"])
+            if self.quantize:
+                placed = quant.cast_scales(placed, self.dtype)
             self._placed = (params, jax.device_put(placed, NamedSharding(self.mesh, P())))
         return self._placed[1]
 

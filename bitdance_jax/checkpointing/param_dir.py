@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from bitdance_jax.checkpointing.atomic import atomic_write, recover
 
@@ -70,17 +71,49 @@ def read_meta(path: str) -> dict[str, Any]:
     return meta
 
 
-def load_param_dir(path: str, kind: str | None = None, target=None):
-    """Returns ``(meta, params)``. ``target`` (abstract tree with shardings) places arrays."""
+def _params_path(path: str, kind: str | None):
     meta = read_meta(path)
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{path} holds a '{meta.get('kind')}' checkpoint, expected '{kind}'")
     params_path = os.path.join(os.path.abspath(path), PARAMS_DIR)
     if not os.path.isdir(params_path):
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ (incomplete checkpoint)")
+    return meta, params_path
+
+
+def load_param_dir(path: str, kind: str | None = None, target=None):
+    """Returns ``(meta, params)``. ``target`` (abstract tree with shardings) places arrays."""
+    meta, params_path = _params_path(path, kind)
     with ocp.StandardCheckpointer() as ckptr:
         try:
             params = ckptr.restore(params_path, target) if target is not None else ckptr.restore(params_path)
         except Exception as e:
             raise CheckpointError(f"cannot restore params from {params_path}: {e}") from e
     return meta, params
+
+
+def load_param_dir_leafwise(path: str, kind: str | None, target, convert):
+    """``(meta, params)`` read one tensor at a time: each leaf of ``target`` (a tree of
+    ``ShapeDtypeStruct``, unboxed) is restored into host memory in its dtype and replaced by
+    ``convert(path_tuple, array)`` before the next is read, so host memory holds the results
+    plus one tensor (e.g. quantizing a float directory at load time)."""
+    meta, params_path = _params_path(path, kind)
+    out = {}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        for key, leaf in traverse_util.flatten_dict(target).items():
+            item = traverse_util.unflatten_dict({key: leaf})
+            restore_args = traverse_util.unflatten_dict(
+                {key: ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)})
+            try:
+                restored = ckptr.restore(params_path, args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=restore_args, partial_restore=True))
+            except Exception as e:
+                raise CheckpointError(f"cannot restore {'/'.join(key)} from {params_path}: "
+                                      f"{e}") from e
+            value = traverse_util.flatten_dict(restored)[key]
+            if tuple(value.shape) != tuple(leaf.shape):
+                raise CheckpointError(f"{params_path}: {'/'.join(key)} has shape "
+                                      f"{tuple(value.shape)}, expected {tuple(leaf.shape)}")
+            out[key] = convert(key, value)
+            del restored, value
+    return meta, traverse_util.unflatten_dict(out)

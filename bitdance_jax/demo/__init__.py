@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=7.5, help="default text-to-image guidance")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of the transformers")
+    p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
+                   help="weight-only quantized kernels (a --quantize port loads as stored)")
     p.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS,
                    help="longest text-to-image prompt, in tokens (rounded up to a multiple of "
                         "64); every prompt runs in that one warmed program")
@@ -152,13 +154,15 @@ def main(argv=None) -> int:
         c2i = t2i = None
         if args.ckpt:
             from bitdance_jax import load_model
-            model = load_model(hub.resolve(args.ckpt), dtype=dtype)
+            model = load_model(hub.resolve(args.ckpt, quantize=args.quantize), dtype=dtype,
+                               quantize=args.quantize)
             names = class_names(model.config.num_classes, args.class_names)
             c2i = ClassConditional(model, names, parse_int_list(args.c2i_steps, "--c2i-steps"),
                                    max_batch=args.max_batch)
         if args.t2i_ckpt:
             from bitdance_jax.t2i.pipeline import load_t2i
-            pipe = load_t2i(hub.resolve(args.t2i_ckpt), dtype=dtype)
+            pipe = load_t2i(hub.resolve(args.t2i_ckpt, quantize=args.quantize), dtype=dtype,
+                            quantize=args.quantize)
             sizes = [parse_size(s) for s in args.t2i_sizes.split(",")] if args.t2i_sizes else None
             t2i = TextToImage(pipe, sizes, parse_int_list(args.t2i_steps, "--t2i-steps"),
                               default_guidance=args.guidance,

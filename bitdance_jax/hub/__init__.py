@@ -138,20 +138,22 @@ def _port_atomically(spec: HubId, snapshot: str, src: str, dst: str, kwargs: dic
 
 
 def resolve(path_or_id, *, use_ema: bool = True, param_dtype: str = "float32",
-            num_codebooks: int | None = None, token=None) -> str:
+            num_codebooks: int | None = None, quantize: str | None = None, token=None) -> str:
     """A local directory for ``path_or_id``: plain paths unchanged; ``hf:owner/name[/path]
     [@revision]`` downloaded (or read from the cache) and ported once.
 
     ``use_ema``: the EMA weights of a class-conditional training checkpoint (as the
     reference's sampler); ``param_dtype``: stored dtype of a text-to-image port;
-    ``num_codebooks``: a tokenizer's bit groups (default 8 bits per group). Each choice is
-    its own cached port. Raises ``HubOfflineError``, ``HubNotFoundError`` or
+    ``num_codebooks``: a tokenizer's bit groups (default 8 bits per group); ``quantize``
+    ("int8", "fp8"): a model port with quantized kernels (``nn.quant``). Each choice is its
+    own cached port. Raises ``HubOfflineError``, ``HubNotFoundError`` or
     ``HubFormatError`` (all ``HubError``) with what to do.
     """
     if not is_hub_id(path_or_id):
         return os.fspath(path_or_id) if path_or_id is not None else path_or_id
     spec = parse(path_or_id)
-    options = dict(use_ema=use_ema, param_dtype=str(param_dtype), num_codebooks=num_codebooks)
+    options = dict(use_ema=use_ema, param_dtype=str(param_dtype), num_codebooks=num_codebooks,
+                   quantize=quantize)
     offline = is_offline()
     rev = spec.revision or "main"
     commit = rev if _COMMIT.match(rev) else None
@@ -169,7 +171,7 @@ def resolve(path_or_id, *, use_ema: bool = True, param_dtype: str = "float32",
     if todo is None:   # the repo holds a ported directory
         return os.path.join(snapshot, spec.subpath) if spec.subpath else snapshot
     src, kwargs = todo
-    kwargs.update(use_ema=use_ema, param_dtype=str(param_dtype), num_codebooks=num_codebooks)
+    kwargs.update(options)
     dst = _port_atomically(spec, snapshot, src, ported_dir(spec, commit, **options), kwargs)
     if not _COMMIT.match(rev):   # remember the branch for offline use without the Hub cache
         with atomic.atomic_write(_inside(_repo_dir(spec.repo_id), "refs", rev),
@@ -188,10 +190,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--num-codebooks", type=int, default=None)
+    p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
+                   help="port with weight-only quantized kernels")
     args = p.parse_args(argv)
     try:
         print(resolve(args.hub_id, use_ema=not args.no_ema, param_dtype=args.param_dtype,
-                      num_codebooks=args.num_codebooks))
+                      num_codebooks=args.num_codebooks, quantize=args.quantize))
     except HubError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -55,7 +55,8 @@ def _repo_dir(repo_id: str) -> str:
     return _inside(cache_root(), "ported", repo_id.replace("/", "--"))
 
 
-def _variant(spec: HubId, use_ema: bool, param_dtype: str, num_codebooks: int | None) -> str:
+def _variant(spec: HubId, use_ema: bool, param_dtype: str, num_codebooks: int | None,
+             quantize: str | None = None) -> str:
     name = quote(spec.subpath, safe="") if spec.subpath else "_repo"
     if not use_ema:
         name += "+model-weights"
@@ -63,13 +64,15 @@ def _variant(spec: HubId, use_ema: bool, param_dtype: str, num_codebooks: int | 
         name += f"+{param_dtype}"
     if num_codebooks:
         name += f"+codebooks{int(num_codebooks)}"
+    if quantize:
+        name += f"+{quantize}"
     return name
 
 
 def ported_dir(spec: HubId, commit: str, *, use_ema: bool = True, param_dtype: str = "float32",
-               num_codebooks: int | None = None) -> str:
+               num_codebooks: int | None = None, quantize: str | None = None) -> str:
     return _inside(_repo_dir(spec.repo_id), commit,
-                   _variant(spec, use_ema, param_dtype, num_codebooks))
+                   _variant(spec, use_ema, param_dtype, num_codebooks, quantize))
 
 
 def _complete(path: str) -> bool:

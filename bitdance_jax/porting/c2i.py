@@ -10,6 +10,7 @@ import numpy as np
 from bitdance_jax.c2i import io as c2i_io
 from bitdance_jax.c2i.config import MODEL_SIZES, RELEASED_MODELS, BitDanceConfig, inference_config
 from bitdance_jax.c2i.model import abstract_backbone_params, from_unscanned
+from bitdance_jax.nn import quant
 from bitdance_jax.porting.head import infer_head_config, port_head_state_dict
 from bitdance_jax.porting import convention as porting
 from bitdance_jax.porting.tokenizer import infer_tokenizer_config, port_tokenizer_state_dict
@@ -102,7 +103,7 @@ def _as_config(config) -> BitDanceConfig | None:
 def port_imagenet_checkpoint(src_pt: str, dst: str, use_ema: bool = True,
                              tokenizer_pt: str | None = None, *, config=None,
                              overwrite: bool = False, loaded: Mapping | None = None,
-                             **overrides) -> str:
+                             quantize: str | None = None, **overrides) -> str:
     """Port a reference ImageNet checkpoint ``{"model", "ema"}`` into a self-describing dir.
 
     The architecture is inferred from the weights, with head count and schedule from the
@@ -112,6 +113,7 @@ def port_imagenet_checkpoint(src_pt: str, dst: str, use_ema: bool = True,
     The tokenizer comes from ``tokenizer_pt`` (``ae_d16c32.pt``) when given, as the
     reference's sampler does, else from the file's ``vae.*`` keys. ``loaded``: the file's
     content when the caller has already read it (saves a second read of a large file).
+    ``quantize`` ("int8", "fp8"): write weight-only quantized model and head kernels.
     """
     ckpt = porting.load_torch_file(src_pt) if loaded is None else loaded
     if not isinstance(ckpt, Mapping) or not ({"model", "ema"} & set(ckpt)):
@@ -148,5 +150,7 @@ def port_imagenet_checkpoint(src_pt: str, dst: str, use_ema: bool = True,
         raise porting.PortingError(f"{what}: {tok_cfg.z_channels} latent channels, the model "
                                    f"uses {cfg.latent_dim}")
     params["tokenizer"] = port_tokenizer_state_dict(tok_sd, tok_cfg, prefix=tok_prefix, what=what)
+    if quant.check_mode(quantize) is not None:
+        params = c2i_io.quantize_params(params, cfg, tok_cfg, quantize)
     return c2i_io.save_model(dst, cfg, params, tok_cfg, overwrite=overwrite, source=str(src_pt),
-                             weights=which)
+                             weights=which, quantize=quantize)

@@ -10,6 +10,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from bitdance_jax.nn import quant
 from bitdance_jax.porting.head import port_head_state_dict
 from bitdance_jax.parallel.sharding import divisible_logical_sharding
 from bitdance_jax.porting import convention as porting
@@ -18,7 +19,7 @@ from bitdance_jax.porting.tokenizer import (infer_tokenizer_config, port_tokeniz
 from bitdance_jax.t2i import qwen3
 from bitdance_jax.t2i import io as t2i_io
 from bitdance_jax.t2i.config import RELEASED_SIZES, T2IConfig
-from bitdance_jax.t2i.model import Projector
+from bitdance_jax.t2i.model import Projector, abstract_t2i_params
 from bitdance_jax.t2i.prompts import TEXT_TOKENIZER_FILES
 
 # The released models' backbone (Qwen3-14B): folders with it get the size whitelist.
@@ -57,13 +58,15 @@ def _llm_shard_files(src: str) -> list[str]:
 
 
 def stream_llm_weights(shard_files: Sequence[str], abstract, *, shardings=None,
-                       ignore: Callable[[str], bool] = lambda k: False) -> dict:
+                       ignore: Callable[[str], bool] = lambda k: False,
+                       convert: Callable | None = None) -> dict:
     """Port HF Qwen3 safetensors shards onto ``abstract`` one tensor at a time.
 
-    Each tensor is read, transposed to Flax layout, cast to the target dtype and (with
-    ``shardings``, a tree like ``abstract`` of ``jax.sharding.Sharding``) placed on its
-    devices before the next one is read, so host memory never holds more than the result
-    plus one tensor. Strict like ``porting.convert_state_dict``.
+    Each tensor is read, transposed to Flax layout, cast to the target dtype, passed through
+    ``convert(path, array)`` when given (e.g. quantized) and (with ``shardings``, a tree of
+    ``jax.sharding.Sharding`` for the converted leaves) placed on its devices before the next
+    one is read, so host memory never holds more than the result plus one tensor. Strict like
+    ``porting.convert_state_dict``.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -91,6 +94,8 @@ def stream_llm_weights(shard_files: Sequence[str], abstract, *, shardings=None,
                     mis_shaped.add(key)
                     continue
                 value = np.asarray(value, dtype=target.dtype)
+                if convert is not None:
+                    value = convert(path, value)
                 out[path] = (jax.device_put(value, flat_shardings[path])
                              if flat_shardings is not None else value)
     missing = sorted(key for key, path in by_key.items()
@@ -120,17 +125,27 @@ def read_released_config(src: str) -> T2IConfig:
                      supported_sizes=RELEASED_SIZES if released else None)
 
 
-def read_released_folder(src: str, *, param_dtype=jnp.float32, mesh=None):
+def read_released_folder(src: str, *, param_dtype=jnp.float32, mesh=None,
+                         quantize: str | None = None):
     """``(config, params)`` of a released-layout folder; with ``mesh`` every LLM tensor is
-    placed on its logical sharding as it is read."""
+    placed on its logical sharding as it is read. ``quantize`` ("int8", "fp8"): each LLM
+    kernel is quantized as it is read (``nn.quant``), the head and projector once read."""
     config = read_released_config(src)
     abstract = qwen3.abstract_qwen3_params(config.llm, param_dtype=param_dtype)
+    convert = None
+    q_abstract = None
+    if quant.check_mode(quantize) is not None:
+        q_abstract = abstract_t2i_params(config, param_dtype, quantize)
+        flat_q = traverse_util.flatten_dict(nn.unbox(q_abstract["llm"]),
+                                            is_leaf=lambda _, v: quant.is_quantized(v))
+        convert = lambda path, value: quant.quantize_leaf(value, flat_q[path])
     shardings = None
     if mesh is not None:
-        shardings = divisible_logical_sharding(abstract, mesh)
+        shardings = divisible_logical_sharding(abstract if q_abstract is None
+                                               else q_abstract["llm"], mesh)
     tied = config.llm.tie_word_embeddings
     llm = stream_llm_weights(_llm_shard_files(src), abstract, shardings=shardings,
-                             ignore=lambda k: tied and k == "lm_head.weight")
+                             ignore=lambda k: tied and k == "lm_head.weight", convert=convert)
     ae_sd = porting.load_safetensors(os.path.join(src, "ae.safetensors"))
     inferred = infer_tokenizer_config(ae_sd, num_codebooks=config.tokenizer.num_codebooks)
     if inferred != config.tokenizer:
@@ -145,17 +160,22 @@ def read_released_folder(src: str, *, param_dtype=jnp.float32, mesh=None):
     projector = porting.convert_state_dict(
         porting.load_safetensors(os.path.join(src, "projector.safetensors")), proj_abstract,
         what=os.path.join(src, "projector.safetensors"))
+    if q_abstract is not None:
+        head = quant.quantize_tree(head, nn.unbox(q_abstract["head"]))
+        projector = quant.quantize_tree(projector, nn.unbox(q_abstract["projector"]))
     return config, {"llm": llm, "head": head, "projector": projector, "tokenizer": tok}
 
 
-def port_t2i_folder(src: str, dst: str, *, param_dtype=jnp.float32, overwrite: bool = False) -> str:
+def port_t2i_folder(src: str, dst: str, *, param_dtype=jnp.float32, overwrite: bool = False,
+                    quantize: str | None = None) -> str:
     """Released folder -> self-describing dir (``bitdance.json`` + Orbax params + text
-    tokenizer files). The tokenizer part is also loadable with ``load_tokenizer(dst)``."""
-    config, params = read_released_folder(src, param_dtype=param_dtype)
+    tokenizer files). The tokenizer part is also loadable with ``load_tokenizer(dst)``.
+    ``quantize``: write int8/fp8 kernels with their scales (quantized as they are read)."""
+    config, params = read_released_folder(src, param_dtype=param_dtype, quantize=quantize)
     files = {name: os.path.join(src, name) for name in TEXT_TOKENIZER_FILES
              if os.path.isfile(os.path.join(src, name))}
     return t2i_io.save_t2i(dst, config, params, source=os.path.basename(os.path.abspath(src)),
-                           text_tokenizer_files=files, overwrite=overwrite)
+                           text_tokenizer_files=files, overwrite=overwrite, quantize=quantize)
 
 
 # Fields of config.llm that must equal a pretrained folder's config.json (vocab_size may grow).

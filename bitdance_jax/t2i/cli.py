@@ -93,6 +93,9 @@ def main(argv=None) -> int:
                         "computing in bf16, as the reference loads its LLM, else float32)")
     p.add_argument("--matmul-precision", choices=sorted(MATMUL_PRECISIONS), default="default",
                    help="precision of float32 matmuls")
+    p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
+                   help="weight-only quantized LLM/head/projector kernels, quantized as they "
+                        "are read (a directory ported with --quantize loads as stored)")
     distributed.add_arguments(p)
     args = p.parse_args(argv)
 
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
         dtype = resolve_dtype(args.dtype)
         param_dtype = dtype if args.param_dtype == "auto" else jnp.dtype(args.param_dtype)
         pipe = load_t2i(args.ckpt, param_dtype=param_dtype, dtype=dtype,
-                        precision=args.matmul_precision)
+                        precision=args.matmul_precision, quantize=args.quantize)
         pipe.check_size(args.height, args.width)  # fail before any work
         if entries is not None:
             written = run_prompt_set(pipe, entries, args)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from bitdance_jax.nn import quant
 from bitdance_jax.nn.diffusion_head import DiffusionNet
 from bitdance_jax.nn.layers import dense, torch_bias_init, torch_linear_init
 from bitdance_jax.nn.params import abstract_params
@@ -72,21 +73,26 @@ def position_embed_2d(table: np.ndarray, h: int, w: int, patch_side: int = 1) ->
 
 
 
-def abstract_t2i_params(config: T2IConfig, param_dtype=jnp.float32) -> dict:
+def abstract_t2i_params(config: T2IConfig, param_dtype=jnp.float32, quantize: str | None = None) -> dict:
     """Boxed param shapes of every part ({"llm", "head", "projector", "tokenizer"}), nothing
-    allocated (``jax.eval_shape``); ``param_dtype`` applies to all but the tokenizer."""
+    allocated (``jax.eval_shape``); ``param_dtype`` applies to all but the tokenizer.
+    ``quantize`` ("int8", "fp8"): the LLM, head and projector kernels as ``nn.quant`` stores
+    them (the tokenizer stays float32)."""
+    def part(module, *example):
+        if quantize is None:
+            return abstract_params(module, *example)
+        return quant.abstract_quantized(module, quantize, *example)
     return {
-        "llm": qwen3.abstract_qwen3_params(config.llm, param_dtype=param_dtype),
-        "head": abstract_params(DiffusionNet(config.head, param_dtype=param_dtype),
-                                        *head_example(config)),
-        "projector": abstract_params(
-            Projector(config.llm.hidden_size, param_dtype=param_dtype),
-            jax.ShapeDtypeStruct((1, 1, config.tokenizer.z_channels), jnp.float32)),
+        "llm": part(qwen3.Qwen3ForCausalLM(config.llm, param_dtype=param_dtype),
+                    jax.ShapeDtypeStruct((1, 1), jnp.int32)),
+        "head": part(DiffusionNet(config.head, param_dtype=param_dtype), *head_example(config)),
+        "projector": part(Projector(config.llm.hidden_size, param_dtype=param_dtype),
+                          jax.ShapeDtypeStruct((1, 1, config.tokenizer.z_channels), jnp.float32)),
         # The tokenizer decoder stays float32 (small; it makes the final pixels).
         "tokenizer": abstract_tokenizer_params(config.tokenizer)}
 
 
-def place_params(params, config: T2IConfig, mesh):
+def place_params(params, config: T2IConfig, mesh, quantize: str | None = None):
     """Put every param (LLM, head, projector, tokenizer decoder) on the sharding its logical
     axes give on ``mesh``: fsdp splits the model dimension, tensor splits heads/MLP/vocab.
 
@@ -99,7 +105,7 @@ def place_params(params, config: T2IConfig, mesh):
     fsdp x tensor >= 4 (8.5 GB of params per chip, leaving room for cache and activations;
     2 chips would need 17 GB for params alone); float32 needs >= 8 (8.5 GB per chip).
     """
-    abstract = abstract_t2i_params(config)
+    abstract = abstract_t2i_params(config, quantize=quantize)
     return jax.tree.map(jax.device_put, params, divisible_logical_sharding(abstract, mesh))
 
 

@@ -15,6 +15,7 @@ from flax import linen as nn
 from bitdance_jax import hub
 from bitdance_jax import images as image_lib
 from bitdance_jax.checkpointing.atomic import recover
+from bitdance_jax.nn import quant
 from bitdance_jax.nn.diffusion_head import DiffusionNet
 from bitdance_jax.nn.precision import PrecisionLike, resolve_dtype
 from bitdance_jax.nn.patching import unpatchify
@@ -31,26 +32,35 @@ from bitdance_jax.tokenizer.model import BinaryAutoencoder
 
 # ``noise_source(shape)``: every N(0, 1) draw of a call at once (recorded draws in tests).
 NoiseSource = Callable[[tuple[int, ...]], Any]
+# The LLM methods the sampler applies (each takes quantized kernels when quantized).
+LLM_METHODS = ("__call__", "trunk", "embed")
 
 def load_t2i(path: str, *, param_dtype=jnp.float32, dtype=None, mesh=None,
-             precision: PrecisionLike = None, attention_impl: str = "auto") -> "T2IPipeline":
+             precision: PrecisionLike = None, attention_impl: str = "auto",
+             quantize: str | None = None) -> "T2IPipeline":
     """A pipeline from a released-layout folder or a directory written by ``port_t2i_folder``.
 
     ``param_dtype``: stored dtype of the LLM, head and projector params (bfloat16 halves the
     memory, as the reference's bf16 LLM); ``dtype``: the compute policy, None = the backend's
-    default (bf16-mixed on GPU/TPU, float32 on CPU). ``path`` may be a Hub id ``hf:owner/name``."""
-    path = hub.resolve(path, param_dtype=jnp.dtype(param_dtype).name)
+    default (bf16-mixed on GPU/TPU, float32 on CPU). ``path`` may be a Hub id ``hf:owner/name``.
+    ``quantize`` ("int8", "fp8"): weight-only quantized kernels (``nn.quant``), quantized one
+    tensor at a time as they are read; a directory ported with ``--quantize`` loads as it is
+    stored (None: its own mode)."""
+    quant.check_mode(quantize)
+    path = hub.resolve(path, param_dtype=jnp.dtype(param_dtype).name, quantize=quantize)
     recover(os.path.abspath(path))  # a crash while an export was being replaced
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
     if t2i_io.is_t2i_dir(path):
-        config, params = t2i_io.load(path, param_dtype=param_dtype, mesh=mesh)
+        config, params = t2i_io.load(path, param_dtype=param_dtype, mesh=mesh, quantize=quantize)
+        quantize = t2i_io.stored_quantization(path) or quantize
     else:
-        config, params = read_released_folder(path, param_dtype=param_dtype, mesh=mesh)
+        config, params = read_released_folder(path, param_dtype=param_dtype, mesh=mesh,
+                                              quantize=quantize)
         if mesh is not None:
-            params = place_params(params, config, mesh)
+            params = place_params(params, config, mesh, quantize)
     return T2IPipeline(config, params, TextTokenizer(path), dtype=dtype, precision=precision,
-                       attention_impl=attention_impl)
+                       attention_impl=attention_impl, quantize=quantize)
 
 
 
@@ -65,20 +75,25 @@ class T2IPipeline:
     """Loaded text-to-image model. ``params``: {"llm", "head", "projector", "tokenizer"}.
 
     ``dtype``: compute policy (None: bf16-mixed on GPU/TPU, float32 on CPU); the tokenizer
-    decoder always runs in float32."""
+    decoder always runs in float32. ``quantize``: the mode the LLM, head and projector
+    kernels of ``params`` are quantized in (``nn.quant``), None for float params."""
 
     def __init__(self, config: T2IConfig, params, text_tokenizer: TextTokenizer,
-                 dtype=None, precision: PrecisionLike = None, attention_impl: str = "auto"):
+                 dtype=None, precision: PrecisionLike = None, attention_impl: str = "auto",
+                 quantize: str | None = None):
         self.config = config
-        self.params = params
+        self.quantize = quant.check_mode(quantize)
         self.text_tokenizer = text_tokenizer
         self.dtype = dtype = resolve_dtype(dtype)
+        self.params = quant.cast_scales(params, dtype) if quantize else params
         self.precision = precision
         kw = dict(dtype=dtype, precision=precision)
-        self.llm = qwen3.Qwen3ForCausalLM(config.llm, attention_impl=attention_impl, **kw)
-        self.head = DiffusionNet(config.head, attention_impl=attention_impl, **kw)
+        self.llm = quant.quantized(qwen3.Qwen3ForCausalLM(config.llm, attention_impl=attention_impl,
+                                                          **kw), quantize, LLM_METHODS)
+        self.head = quant.quantized(DiffusionNet(config.head, attention_impl=attention_impl, **kw),
+                                    quantize)
         self.progress_hook = next_patch.ProgressHook()
-        self.projector = Projector(config.llm.hidden_size, **kw)
+        self.projector = quant.quantized(Projector(config.llm.hidden_size, **kw), quantize)
         self._decode = jax.jit(functools.partial(
             BinaryAutoencoder(config.tokenizer, precision=precision).apply, method="decode"))
         self.pos_table = position_table(config.llm.hidden_size, config.vae_patch_size)
