@@ -33,6 +33,8 @@ setup(
         # hf:owner/name ids (bitdance_jax.hub)
         "huggingface_hub>=0.26",
         "filelock",
+        # weight-only int8/fp8 inference (bitdance_jax.nn.quant)
+        "qwix>=0.1.8",
     ],
     extras_require={
         # Reading PyTorch .pt checkpoints (porting tool only). Pin to the CPU build.
