@@ -41,6 +41,6 @@ setup(
         # python -m bitdance_jax.demo
         "demo": ["gradio>=5"],
         "gpu": ["jax[cuda12]"],
-        "test": ["pytest", "torch==2.13.0", "transformers", "gradio>=5", "selenium>=4.10"],
+        "test": ["pytest", "pytest-xdist>=3.5", "torch==2.13.0", "transformers", "gradio>=5", "selenium>=4.10"],
     },
 )
