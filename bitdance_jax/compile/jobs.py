@@ -69,7 +69,7 @@ def c2i_sample_job(config, mesh, batch: int, num_sampling_steps: int) -> Job:
     model_config = inference_config(task.model_config)
     sampler = Sampler(model_config, dtype=task.dtype, mesh=mesh, **_numerics(task.numerics))
     rep = sharding.replicated(mesh)
-    params = nn.unbox(jax.eval_shape(init_params, model_config, jax.random.PRNGKey(0)))
+    params = nn.unbox(jax.eval_shape(lambda rng: init_params(model_config, rng), jax.random.PRNGKey(0)))
     params = _on(params, jax.tree.map(lambda _: rep, params))
     padded = -(-batch // sampler.num_shards) * sampler.num_shards
     rows = NamedSharding(mesh, PartitionSpec("data"))
