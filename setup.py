@@ -14,6 +14,7 @@ setup(
         "bitdance-t2i = bitdance_jax.t2i.cli:main",
         "bitdance-port = bitdance_jax.porting.cli:main",
         "bitdance-tokenize = bitdance_jax.tokenizer.cli:main",
+        "bitdance-compile = bitdance_jax.compile:main",
     ]},
     install_requires=[
         "jax>=0.10",
@@ -43,6 +44,6 @@ setup(
         # python -m bitdance_jax.demo
         "demo": ["gradio>=5"],
         "gpu": ["jax[cuda12]"],
-        "test": ["pytest", "pytest-xdist>=3.5", "torch==2.13.0", "transformers", "gradio>=5", "selenium>=4.10"],
+        "test": ["pytest", "pytest-xdist>=3.5", "jax[tpu]", "torch==2.13.0", "transformers", "gradio>=5", "selenium>=4.10"],
     },
 )

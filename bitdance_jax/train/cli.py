@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from typing import Callable
 
 import jax
 import ml_collections
@@ -22,20 +23,26 @@ class UsageError(ValueError):
     """A bad command line (unknown flag or config field, bad value, missing file)."""
 
 
-def _flag_values(argv: list[str]) -> flags.FlagValues:
-    """A fresh set of flags for parsing ``argv`` (no value leaks from one parse to the next;
-    config_flags reads its overrides from ``argv``, not from ``sys.argv``)."""
+def config_flag_values(argv: list[str], define_flags: Callable[[flags.FlagValues], None]
+                       ) -> flags.FlagValues:
+    """A fresh set of flags for parsing ``argv``: ``--config`` (with its ``--config.<field>``
+    overrides) and what ``define_flags`` adds. No value leaks from one parse to the next;
+    config_flags reads its overrides from ``argv``, not from ``sys.argv``."""
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", None, "config file (configs/<name>.py, optionally :<argument>)",
         lock_config=True, flag_values=fv, sys_argv=argv)
+    define_flags(fv)
+    return fv
+
+
+def _trainer_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", None, "checkpoints, logs, samples and the export",
                         flag_values=fv)
     flags.DEFINE_bool("allow_config_change", False,
                       "resume although the config differs from the saved one in fields that "
                       "break exact resume (model, batch, data, seed, ...)", flag_values=fv)
     distributed.define_absl_flags(fv)
-    return fv
 
 
 def unknown_field_message(config: ml_collections.ConfigDict, dotted: str) -> str | None:
@@ -50,10 +57,11 @@ def unknown_field_message(config: ml_collections.ConfigDict, dotted: str) -> str
     return None
 
 
-def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, flags.FlagValues]:
-    """``argv`` (program name first) -> (config, workdir, flags); ``UsageError`` if bad."""
-    argv = distributed.normalize_argv(argv)
-    fv = _flag_values(argv)
+def parse_config(argv: list[str], define_flags: Callable[[flags.FlagValues], None]
+                 ) -> tuple[ml_collections.ConfigDict, flags.FlagValues]:
+    """``argv`` (program name first) -> (config, flags) with ``--config`` required and the
+    flags ``define_flags`` adds; ``UsageError`` naming what is wrong."""
+    fv = config_flag_values(argv, define_flags)
     try:
         fv(argv)
     except (flags.Error, ValueError, OSError) as e:  # a config file missing or refusing its argument
@@ -64,7 +72,7 @@ def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, flags.F
         # A locked ConfigDict refused an override: load the config without overrides to
         # name the unknown field and the fields that do exist.
         plain_argv = [a for a in argv if not a.startswith("--config.")]
-        plain = _flag_values(plain_argv)
+        plain = config_flag_values(plain_argv, define_flags)
         plain(plain_argv)
         config = plain["config"].value
         for arg in argv[1:]:
@@ -82,6 +90,12 @@ def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, flags.F
         except OSError as e:
             raise UsageError(f"cannot load config file {fv['config'].config_filename!r}: "
                              f"{str(e).splitlines()[-1].strip()}") from None
+    return config, fv
+
+
+def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, flags.FlagValues]:
+    """``argv`` (program name first) -> (config, workdir, flags); ``UsageError`` if bad."""
+    config, fv = parse_config(distributed.normalize_argv(argv), _trainer_flags)
     if not fv["workdir"].value:
         raise UsageError("--workdir is required")
     return config, fv["workdir"].value, fv
@@ -91,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(__doc__)
-        print(_flag_values(argv[:1]).get_help())
+        print(config_flag_values(argv[:1], _trainer_flags).get_help())
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:

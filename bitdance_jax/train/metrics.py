@@ -33,13 +33,39 @@ PEAK_FLOPS = {
 }
 PEAK_COLUMNS = ("bfloat16", "float32")
 
+# HBM per TPU chip (bytes) and its bandwidth (bytes/s), same prefixes and pages as PEAK_FLOPS:
+# what ``bitdance_jax.compile`` checks a program against and its roofline divides by.
+GiB = 1 << 30
+HBM = {
+    #  prefix                 capacity     bandwidth
+    "TPU v4":               (32 * GiB,   1228e9),
+    "TPU v5 lite":          (16 * GiB,   819e9),
+    "TPU v5e":              (16 * GiB,   819e9),
+    "TPU v5":               (95 * GiB,   2765e9),
+    "TPU v6 lite":          (32 * GiB,   1640e9),
+    "TPU v6e":              (32 * GiB,   1640e9),
+}
+# The chip names users write (topology prefixes) -> their device_kind.
+TPU_CHIPS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
+
+
+def _by_prefix(table: dict, device_kind: str):
+    """``table``'s entry for the longest prefix of ``device_kind`` (None: not listed)."""
+    matches = [prefix for prefix in table if device_kind.startswith(prefix)]
+    return table[max(matches, key=len)] if matches else None
+
 
 def peak_flops(device_kind: str, dtype: str) -> float | None:
     """Dense peak FLOP/s of one ``device_kind`` chip for matmuls taking ``dtype`` (a dtype or
     numerics policy name: float32, bfloat16, bf16-mixed); None for CPUs and unlisted chips."""
     column = PEAK_COLUMNS.index(jnp.dtype(compute_dtype(dtype)).name)
-    matches = [prefix for prefix in PEAK_FLOPS if device_kind.startswith(prefix)]
-    return PEAK_FLOPS[max(matches, key=len)][column] if matches else None
+    row = _by_prefix(PEAK_FLOPS, device_kind)
+    return None if row is None else row[column]
+
+
+def hbm(device_kind: str) -> tuple[int, float] | None:
+    """(HBM bytes, HBM bytes/s) of one ``device_kind`` TPU chip; None where not listed."""
+    return _by_prefix(HBM, device_kind)
 
 
 def peak_flops_per_device(config) -> float | None:

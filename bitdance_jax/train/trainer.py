@@ -6,6 +6,7 @@ stages one after another in ``<workdir>/<stage>``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -65,14 +66,17 @@ def check_intervals(config) -> None:
 class Trainer:
     """Everything built from a config: mesh, task, optimizer, shardings, jitted step."""
     config: Any
-    workdir: str
+    workdir: str | None
     mesh: Any = None
+    # The task (default: ``make_task(config, workdir)``); the compile tool passes one built
+    # on an abstract tokenizer.
+    task: Any = None
 
     def __post_init__(self):
         c = self.config
         check_intervals(c)
         self.mesh = self.mesh or sharding.make_mesh(tuple(c.mesh))
-        self.task = make_task(c, self.workdir)
+        self.task = self.task or make_task(c, self.workdir)
         self.global_batch = global_batch_size(c, self.mesh)
 
     # -- optimizer and state ----------------------------------------------------------
@@ -100,10 +104,19 @@ class Trainer:
             "ok": jax.ShapeDtypeStruct((), jnp.bool_),
             "params": abstract_params, "ema": abstract_params, "opt_state": abstract_opt}
         # Frozen inputs of the step (the tokenizer encoding images): replicated on the mesh.
-        self.frozen = jax.tree.map(lambda x: jax.device_put(np.asarray(x), rep), self.task.frozen())
-        self.frozen_shardings = jax.tree.map(lambda _: rep, self.frozen)
-        self._step_fn = None
+        # Only their shapes here; ``frozen`` puts them on the devices when first read.
+        self.abstract_frozen = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=rep), self.task.frozen())
+        self.frozen_shardings = jax.tree.map(lambda x: x.sharding, self.abstract_frozen)
+        self._step_fn = self._frozen = None
         return self
+
+    @property
+    def frozen(self):
+        if self._frozen is None:
+            self._frozen = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s),
+                                        self.task.frozen(), self.frozen_shardings)
+        return self._frozen
 
     def init_state(self, init_params=None):
         """Fresh state (``init_params``: a param tree from a ported/trained checkpoint, which
@@ -145,6 +158,24 @@ class Trainer:
     def batch_sharding(self, ndim: int):
         return sharding.batch_sharding(self.mesh, ndim)
 
+    def abstract_inputs(self, batch: dict):
+        """(state, frozen, batch) of the step as ShapeDtypeStructs on their shardings: what
+        the step is lowered for, from real arrays or from shapes alone (nothing allocated)."""
+        def on(x, s):
+            return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
+
+        state = jax.tree.map(on, self.abstract_state, self.state_shardings)
+        batch = {k: on(v, self.batch_sharding(np.ndim(v))) for k, v in batch.items()}
+        return state, self.abstract_frozen, batch
+
+    def context(self):
+        """The mesh and logical-axis rules the step is traced under (activation constraints
+        resolve through them)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES))
+        return stack
+
     # -- the step ---------------------------------------------------------------------
     def step_fn(self, batch_example: dict):
         """The jitted step (``step.train_step`` with this run's shardings)."""
@@ -158,9 +189,15 @@ class Trainer:
                 metrics_sharding=sharding.replicated(self.mesh))
         return self._step_fn
 
-    def compile_step(self, state, batch):
+    def lower_step(self, batch: dict):
+        """The step lowered for ``batch`` (arrays or ShapeDtypeStructs of the global batch);
+        the trainer compiles this, and so does ``bitdance_jax.compile`` for a TPU topology."""
+        with self.context():
+            return self.step_fn(batch).lower(*self.abstract_inputs(batch))
+
+    def compile_step(self, batch: dict):
         """Ahead-of-time compiled step (one compile; its cost analysis gives the FLOPs)."""
-        return self.step_fn(batch).lower(state, self.frozen, batch).compile()
+        return self.lower_step(batch).compile()
 
     def to_device(self, local_batch):
         return to_global_arrays(local_batch, self.batch_sharding)
@@ -270,13 +307,12 @@ def train(config, workdir: str, *, mesh=None, stop_after: int | None = None,
     pending = None
     step = start
     try:
-        with _Preemption() as preempt, jax.set_mesh(trainer.mesh), \
-                nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        with _Preemption() as preempt, trainer.context():
             while step < num_steps:
                 local_batch = next(data_iter)
                 batch = trainer.to_device(local_batch)
                 if logger is None:
-                    fn = trainer.compile_step(state, batch)
+                    fn = trainer.compile_step(batch)
                     logger = MetricLogger(workdir, num_steps, start, trainer.global_batch,
                                           trainer.task.tokens_per_example, step_flops(fn),
                                           peak_flops_per_device(config))

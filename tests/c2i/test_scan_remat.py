@@ -194,7 +194,7 @@ def test_trainer_step_with_scan_and_remat_and_unscanned_export(tmp_path):
     before = jax.device_get(state["params"])["model"]["layers"]["attention"]["wqkv"]["kernel"]
     batch = trainer.to_device(local)
     with jax.set_mesh(trainer.mesh):   # the step donates ``state``
-        new_state, metrics = trainer.compile_step(state, batch)(state, trainer.frozen, batch)
+        new_state, metrics = trainer.compile_step(batch)(state, trainer.frozen, batch)
     assert np.isfinite(float(metrics["loss"]))
     params = jax.device_get(new_state["params"])
     assert not np.allclose(params["model"]["layers"]["attention"]["wqkv"]["kernel"], before)

@@ -144,7 +144,7 @@ def run_steps(config, workdir, num_steps, init_params=None):
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         for _ in range(num_steps):
             batch = trainer.to_device(next(data))
-            fn = fn or trainer.compile_step(state, batch)
+            fn = fn or trainer.compile_step(batch)
             state, metrics = fn(state, trainer.frozen, batch)
             losses.append(metrics["loss"])
     return np.asarray(jax.device_get(losses)), jax.device_get(state)

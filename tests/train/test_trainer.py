@@ -77,7 +77,7 @@ def test_one_step_same_on_every_mesh():
         state = trainer.init_state(init_params)
         batch = trainer.to_device(local)
         with jax.set_mesh(trainer.mesh):
-            new_state, metrics = trainer.compile_step(state, batch)(state, trainer.frozen, batch)
+            new_state, metrics = trainer.compile_step(batch)(state, trainer.frozen, batch)
         results[shape] = (float(metrics["loss"]), jax.device_get(new_state["params"]),
                           float(metrics["grad_norm"]))
         if shape == (2, 2, 2):  # params really are split over the tensor axis
@@ -269,7 +269,7 @@ def test_bitdance_step_same_on_fsdp_tensor_mesh(tmp_path):
         init_params = jax.device_get(state["params"])
         batch = trainer.to_device(local)
         with jax.set_mesh(trainer.mesh):
-            new_state, metrics = trainer.compile_step(state, batch)(state, trainer.frozen, batch)
+            new_state, metrics = trainer.compile_step(batch)(state, trainer.frozen, batch)
         if shape == (2, 2, 2):
             specs = [s.spec for s in jax.tree.leaves(trainer.param_shardings)]
             assert any("fsdp" in tuple(spec) for spec in specs)

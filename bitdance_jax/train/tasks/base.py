@@ -17,7 +17,9 @@ class Task:
     kind: str = ""
     tokens_per_example: int = 0
 
-    def __init__(self, config, workdir: str | None = None):
+    def __init__(self, config, workdir: str | None = None, tokenizer=None):
+        """``tokenizer``: the frozen image tokenizer where the task has one (default: loaded
+        from ``config.tokenizer_dir``; the compile tool passes one of abstract params)."""
         self.config = config
         self.workdir = workdir
 
@@ -29,6 +31,10 @@ class Task:
     def frozen(self) -> dict:
         """Arrays the loss reads but never trains (e.g. a tokenizer encoding images)."""
         return {}
+
+    def abstract_batch(self, global_batch: int) -> dict:
+        """ShapeDtypeStructs of one global batch as the task's dataset yields it."""
+        raise NotImplementedError
 
     def loss(self, params, frozen, batch, rng, step) -> tuple[Any, dict]:
         """(scalar loss, dict of scalar terms); ``step`` is the traced step counter."""

@@ -48,12 +48,12 @@ def model_config_from(config, tokenizer) -> BitDanceConfig:
 class BitDanceTask(Task):
     kind = "bitdance"
 
-    def __init__(self, config, workdir: str | None = None):
-        if not config.tokenizer_dir:
+    def __init__(self, config, workdir: str | None = None, tokenizer=None):
+        if tokenizer is None and not config.tokenizer_dir:
             raise ValueError("config.tokenizer_dir must name a trained or ported tokenizer "
                              "directory (train one with configs/*_tokenizer.py or port ae_d16c32)")
         super().__init__(config, workdir)
-        self.tokenizer = load_tokenizer(config.tokenizer_dir)
+        self.tokenizer = tokenizer or load_tokenizer(config.tokenizer_dir)
         self.model_config = model_config_from(config, self.tokenizer)
         m = config.model
         self.dtype = compute_dtype(m.precision)
@@ -111,6 +111,19 @@ class BitDanceTask(Task):
 
     def frozen(self):
         return {"tokenizer": self.tokenizer.params} if self.from_images else {}
+
+    def abstract_batch(self, global_batch: int) -> dict:
+        """The pipeline's batch (``data.pipeline.TrainRecords``): images or cached latents."""
+        b, mc = global_batch, self.model_config
+        out = {"label": jax.ShapeDtypeStruct((b,), jnp.int32),
+               "index": jax.ShapeDtypeStruct((b,), jnp.int32)}
+        if self.from_images:
+            s = self.config.data.image_size
+            out["image"] = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8)
+        else:
+            g = mc.grid_size
+            out["latents"] = jax.ShapeDtypeStruct((b, g, g, mc.latent_dim), jnp.int8)
+        return out
 
     def loss(self, params, frozen, batch, rng, step):
         if "latents" in batch:

@@ -1,0 +1,5 @@
+import sys
+
+from bitdance_jax.compile import main
+
+sys.exit(main())
