@@ -149,7 +149,7 @@ def bench_one(args, config, overrides, measured):
     batches = [trainer.to_device(synthetic_batch(trainer, rng)) for _ in range(2)]
     with jax.set_mesh(trainer.mesh):
         t = time.perf_counter()
-        step = trainer.compile_step(state, batches[0])
+        step = trainer.compile_step(batches[0])
         compile_s = time.perf_counter() - t
         for i in range(args.warmup):
             state, metrics = step(state, trainer.frozen, batches[i % 2])

@@ -58,12 +58,12 @@ class T2ITask(Task):
     """Trainer task (``config.kind == "t2i"``): params {"llm", "head", "projector"}."""
     kind = "t2i"
 
-    def __init__(self, config, workdir: str | None = None):
-        if not config.tokenizer_dir:
+    def __init__(self, config, workdir: str | None = None, tokenizer=None):
+        if tokenizer is None and not config.tokenizer_dir:
             raise ValueError("config.tokenizer_dir must name a trained or ported binary tokenizer "
                              "directory (train one with configs/digits_tokenizer.py)")
         super().__init__(config, workdir)
-        self.tokenizer = load_tokenizer(config.tokenizer_dir)
+        self.tokenizer = tokenizer or load_tokenizer(config.tokenizer_dir)
         self.dtype = DTYPES[config.compute_dtype]
         self.source = captions.make_caption_source(config.data)
         self.captions = captions.source_captions(self.source)
